@@ -1,0 +1,38 @@
+# twinserve: `make up` runs the product, `make test` runs the tests. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: pip takes the CPU build from this machine's wheel folder; if
+# pip met torch only as our `torch>=2.5` requirement it could pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+# Rebuilt when pyproject.toml changes (new deps, new console scripts); otherwise `make venv`
+# is a no-op. The editable install picks up new modules under src/ without a reinstall.
+STAMP  := $(VENV)/.twinserve-installed
+
+.PHONY: venv model up test lint clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@echo "installing $(TORCH), then twinserve (editable) with its dev tools..."
+	$(PIP) install -q '$(TORCH)'
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+model: venv
+	$(BIN)/twinserve model default
+
+up: venv model
+	$(BIN)/twinserve generate --model "$$($(BIN)/twinserve model default)" --chat "Tell me in two sentences what an LLM twin is."
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests
+
+clean-venv:
+	rm -rf $(VENV)

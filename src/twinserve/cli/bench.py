@@ -1,0 +1,71 @@
+"""`twinserve bench …`: benchmarks that print ratios against a baseline run side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from twinserve.bench.engine_bench import EngineBenchConfig, EngineBenchReport, run_engine_bench
+
+app = typer.Typer(help="Benchmarks: the engine against transformers, in one process.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+# targets of the engine issue, as ratios to the baseline measured in the same run
+TARGETS = {"W_throughput": 1.3, "W1_tokens_per_s": 2.0, "ttft_vs_prefill": 1.0}
+
+
+@app.command("engine")
+def engine_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the default model)."),
+    dtype: str = typer.Option("auto", "--dtype"),
+    quantize: Optional[str] = typer.Option(None, "--quantize"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    concurrency: int = typer.Option(32, "--concurrency", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=2),
+    w1_requests: int = typer.Option(3, "--w1-requests", min=1),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip transformers generate."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """W32 / W1 / TTFT of the engine vs HF `generate` (static padded batches), same prompts, same run."""
+    if model is None:
+        from twinserve.registry.default_model import ensure_default_model
+
+        model = ensure_default_model()
+    cfg = EngineBenchConfig.model_validate({
+        "model": str(model), "dtype": dtype, "quantize": quantize, "threads": threads,
+        "concurrency": concurrency, "max_new_tokens": max_new_tokens, "w1_requests": w1_requests,
+        "baseline": not no_baseline,
+    })
+    with err.status("benchmarking …") as status:
+        report = run_engine_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    _print_report(report)
+
+
+def _print_report(report: EngineBenchReport) -> None:
+    table = Table(title=f"engine benchmark ({report.dtype}, {report.config.threads} threads)")
+    for col in ("workload", "system", "requests", "tokens", "seconds", "tok/s", "TTFT p50 ms", "ITL p50 ms"):
+        table.add_column(col, justify="right" if col not in ("workload", "system") else "left")
+    for r in report.results:
+        table.add_row(
+            r.name, r.system, str(r.requests), str(r.output_tokens), f"{r.seconds:.2f}", f"{r.tokens_per_s:.1f}",
+            "" if r.ttft_ms_p50 is None else f"{r.ttft_ms_p50:.0f}",
+            "" if r.itl_ms_p50 is None else f"{r.itl_ms_p50:.1f}",
+        )
+    out.print(table)
+    out.print(f"peak RSS during W{report.config.concurrency}: {report.peak_rss_mb_w32:.0f} MB")
+    out.print(f"TTFT, {report.config.ttft_prompt_tokens}-token prompt: {report.ttft_ms:.0f} ms"
+              + ("" if report.baseline_prefill_ms is None
+                 else f" (transformers prefill: {report.baseline_prefill_ms:.0f} ms)"))
+    for name, value in report.ratios.items():
+        target = TARGETS.get("W_throughput" if name.endswith("_throughput") else name)
+        better = value <= target if name == "ttft_vs_prefill" else value >= target  # type: ignore[operator]
+        mark = "" if target is None else (" [green]meets[/green]" if better else " [red]misses[/red]")
+        out.print(f"{name}: {value:.2f}x (target {'≤' if name == 'ttft_vs_prefill' else '≥'} {target}x){mark}")

@@ -1,0 +1,35 @@
+"""The `twinserve` command: one typer app; each capability registers its commands here."""
+
+from __future__ import annotations
+
+import typer
+
+from twinserve import __version__
+from twinserve.cli import bench, generate, model
+
+app = typer.Typer(
+    name="twinserve",
+    help="twinserve: from a model registry to production LLM inference, on a laptop, a GPU box or the cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"twinserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """twinserve: from a model registry to production LLM inference."""
+
+
+app.add_typer(model.app, name="model")
+app.command("generate")(generate.generate_command)
+app.add_typer(bench.app, name="bench")

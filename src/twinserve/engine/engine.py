@@ -1,0 +1,325 @@
+"""The synchronous engine core: admit → schedule → run → update, one step at a time.
+
+`add_request` validates and tokenizes in the caller's thread and hands the request to
+the core through a thread-safe inbox; `step` runs in the engine thread. The overload
+check happens at `add_request`, so a full engine answers at once instead of queueing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twinserve.config import EngineConfig
+from twinserve.engine.detokenizer import IncrementalDetokenizer
+from twinserve.engine.request import (
+    GenerateRequest,
+    GenerationDetails,
+    RequestStatus,
+    Token,
+    TokenEvent,
+)
+from twinserve.engine.runner import Runner, RunnerOutput
+from twinserve.engine.sampling import SamplingState
+from twinserve.engine.scheduler import Scheduler
+from twinserve.engine.state import RequestState
+from twinserve.engine.stop import StopSequenceMatcher
+from twinserve.errors import (
+    EngineDeadError,
+    ModelError,
+    OverloadedError,
+    TwinserveError,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+
+# after this many forward passes in a row fail, the engine declares itself dead
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class Engine:
+    """Continuous-batching engine over a `Runner`; all model work happens in `step`."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: Runner,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+        self.scheduler = Scheduler(config)
+        self._inbox: queue.SimpleQueue[RequestState] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._by_id: dict[str, RequestState] = {}
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._seeds = random.Random(config.seed)
+        self._failures = 0
+        self._dying = False
+        self.emit: Callable[[list[TokenEvent]], None] | None = None
+        self.loaded: Any = None  # the LoadedModel, when built by the factory (for /info)
+
+    # ------------------------------------------------------------ intake
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._in_flight - len(self.scheduler.running)
+
+    def tokenize(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            vocab = len(self.tokenizer)
+            if any(not 0 <= i < vocab for i in ids):
+                raise ValidationError(f"`prompt_token_ids` must be in [0, {vocab})")
+        else:
+            assert request.prompt is not None
+            ids = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+        return ids
+
+    def validate(self, request: GenerateRequest) -> RequestState:
+        """Tokenize and check the limits; raises ValidationError with TGI's wording."""
+        cfg, params = self.config, request.params
+        ids = self.tokenize(request)
+        if not ids:
+            raise ValidationError("`inputs` cannot be empty")
+        if params.truncate is not None and len(ids) > params.truncate:
+            ids = ids[-params.truncate :]
+        if len(ids) > cfg.max_input_tokens:
+            raise ValidationError(
+                f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {len(ids)}"
+            )
+        max_new = params.max_new_tokens
+        if max_new is None:
+            max_new = cfg.max_total_tokens - len(ids)
+        if len(ids) + max_new > cfg.max_total_tokens:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+                f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
+        seed = params.seed
+        if seed is None and params.is_sampling:
+            with self._lock:
+                seed = self._seeds.randrange(2**63)
+        return RequestState(
+            request=request,
+            prompt_ids=ids,
+            max_new_tokens=max_new,
+            sampling=SamplingState(params, ids, seed),
+            seed=seed if params.is_sampling else None,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
+            stop=StopSequenceMatcher(params.stop) if params.stop else None,
+        )
+
+    def add_request(self, request: GenerateRequest) -> RequestState:
+        """Validate and enqueue; OverloadedError at once when the engine is full."""
+        state = self.validate(request)
+        with self._lock:
+            if request.request_id in self._by_id:
+                raise ValidationError(f"duplicate request id {request.request_id!r}")
+            if self._in_flight >= self.config.max_concurrent_requests:
+                raise OverloadedError(
+                    f"Model is overloaded: {self._in_flight} requests in flight "
+                    f"(max_concurrent_requests={self.config.max_concurrent_requests})"
+                )
+            self._in_flight += 1
+            self._by_id[request.request_id] = state
+        self._inbox.put(state)
+        return state
+
+    def abort_request(self, request_id: str) -> None:
+        """Thread-safe; the request leaves the batch at the start of the next step."""
+        self._aborts.put(request_id)
+
+    def has_work(self) -> bool:
+        return self._in_flight > 0 or not self._inbox.empty() or not self._aborts.empty()
+
+    # -------------------------------------------------------------- step
+    def step(self) -> list[TokenEvent]:
+        """Run one iteration; returns the events of this step (also sent to `emit`)."""
+        self._drain_inbox()
+        events: list[TokenEvent] = []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if not self.scheduler.has_work():
+                self.runner.release_cache()
+            return events
+        try:
+            self.runner.prepare_cache(sched.cache_slots, sched.cache_capacity, len(self.scheduler.running))
+        except Exception as exc:  # e.g. out of memory: fail this step's rows like a failed forward
+            return self._forward_failed(sched.decode + sched.prefill, exc, prefill=bool(sched.prefill))
+        if sched.decode:
+            events += self._run(sched.decode, prefill=False)
+        if sched.prefill:
+            events += self._run(sched.prefill, prefill=True)
+        if not self.scheduler.has_work():
+            self.runner.release_cache()
+        return events
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            self.scheduler.add(self._inbox.get())
+        while not self._aborts.empty():
+            rid = self._aborts.get()
+            state = self._by_id.get(rid)
+            if state is not None and not state.status.is_finished:
+                self._finish(state, RequestStatus.FINISHED_ABORTED)
+
+    def _run(self, rows: list[RequestState], *, prefill: bool) -> list[TokenEvent]:
+        try:
+            output = self.runner.execute(rows, prefill=prefill)
+        except Exception as exc:  # a failed forward fails its rows, not the engine
+            return self._forward_failed(rows, exc, prefill=prefill)
+        self._failures = 0
+        events = self._update(rows, output, prefill=prefill)
+        self._emit(events)
+        return events
+
+    def _forward_failed(self, rows: list[RequestState], exc: Exception, *, prefill: bool) -> list[TokenEvent]:
+        self._failures += 1
+        log.exception("forward pass failed (%d rows, prefill=%s)", len(rows), prefill)
+        error = ModelError(f"Request failed during generation: {type(exc).__name__}: {exc}")
+        events = [self._fail(r, error) for r in rows]
+        self._emit(events)
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            raise EngineDeadError(f"{self._failures} forward passes failed in a row: {exc}") from exc
+        return events
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        if self.emit is not None and events:
+            self.emit(events)
+
+    # ------------------------------------------------------------ update
+    def _update(self, rows: list[RequestState], out: RunnerOutput, *, prefill: bool) -> list[TokenEvent]:
+        now = time.monotonic()
+        # cached lengths first: finishing a row moves another row's slot, and the move
+        # must copy the position this step just wrote
+        for i, state in enumerate(rows):
+            if prefill:
+                state.num_cached = state.prompt_len
+                state.first_token_time = now
+                logprobs = out.prompt_logprobs[i] if out.prompt_logprobs else None
+                if logprobs is not None:
+                    state.prefill_tokens = self._prefill_tokens(state, logprobs)
+            else:
+                state.num_cached += 1
+        return [self._append_token(state, out, i) for i, state in enumerate(rows)]
+
+    def _prefill_tokens(self, state: RequestState, logprobs: list[float]) -> list[Token]:
+        ids = state.prompt_ids
+        return [
+            Token(id=t, text=self._token_text(t), logprob=None if j == 0 else logprobs[j - 1],
+                  special=t in self.special_ids)
+            for j, t in enumerate(ids)
+        ]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _append_token(self, state: RequestState, out: RunnerOutput, i: int) -> TokenEvent:
+        tid = out.token_ids[i]
+        state.output_ids.append(tid)
+        state.sampling.append(tid)
+        special = tid in self.special_ids
+        token = Token(id=tid, text=self._token_text(tid), logprob=out.logprobs[i], special=special)
+        top = [
+            Token(id=t, text=self._token_text(t), logprob=lp, special=t in self.special_ids)
+            for t, lp in out.top_tokens[i]
+        ]
+        state.tokens.append(token)
+        state.top_tokens.append(top)
+        assert state.detokenizer is not None
+        delta = state.detokenizer.add(tid)
+        status: RequestStatus | None = None
+        if tid in self.eos_token_ids and not state.request.params.ignore_eos:
+            status = RequestStatus.FINISHED_EOS
+        if state.stop is not None:
+            delta, matched = state.stop.feed(delta)
+            if matched and status is None:
+                status = RequestStatus.FINISHED_STOP
+        if status is None and len(state.output_ids) >= state.max_new_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None and status is not RequestStatus.FINISHED_STOP:
+            delta += state.detokenizer.flush()
+            if state.stop is not None:
+                delta += state.stop.flush()
+        state.text_parts.append(delta)
+        if status is None:
+            return TokenEvent(request_id=state.request_id, token=token, text=delta, top_tokens=top)
+        return self._finish(state, status, token=token, text=delta, top=top)
+
+    def _finish(
+        self,
+        state: RequestState,
+        status: RequestStatus,
+        *,
+        token: Token | None = None,
+        text: str = "",
+        top: list[Token] | None = None,
+        error: TwinserveError | None = None,
+    ) -> TokenEvent:
+        state.status = status
+        state.finish_time = time.monotonic()
+        move = self.scheduler.remove(state)
+        if move is not None and not self._dying:
+            self.runner.move_slot(move)
+        with self._lock:
+            self._by_id.pop(state.request_id, None)
+            self._in_flight -= 1
+        reason = status.finish_reason
+        generated = "".join(state.text_parts)
+        if state.request.params.return_full_text and state.request.prompt is not None:
+            generated = state.request.prompt + generated
+        details = None
+        if reason is not None:
+            details = GenerationDetails(
+                finish_reason=reason,
+                generated_tokens=len(state.output_ids),
+                seed=state.seed,
+                prefill=state.prefill_tokens,
+                tokens=state.tokens,
+                top_tokens=state.top_tokens,
+                prompt_tokens=state.prompt_len,
+            )
+        scheduled = state.scheduled_time or state.finish_time
+        return TokenEvent(
+            request_id=state.request_id,
+            token=token,
+            text=text,
+            top_tokens=top or [],
+            finished=True,
+            finish_reason=reason,
+            generated_text=generated if reason is not None else None,
+            details=details,
+            error=error,
+            queue_time=scheduled - state.request.arrival_time,
+            inference_time=state.finish_time - scheduled,
+        )
+
+    def _fail(self, state: RequestState, error: TwinserveError) -> TokenEvent:
+        return self._finish(state, RequestStatus.FINISHED_ERROR, error=error)
+
+    def fail_all(self, error: TwinserveError) -> list[TokenEvent]:
+        """Fail everything in flight (the engine is going down; the cache is not touched)."""
+        self._dying = True
+        self._drain_inbox()
+        states = list(self.scheduler.running) + list(self.scheduler.waiting)
+        return [self._fail(s, error) for s in states]
+

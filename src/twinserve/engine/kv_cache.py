@@ -1,0 +1,92 @@
+"""Slot KV cache: one row per running request, each at its own position.
+
+Layout per layer: K and V of shape [slots, kv_heads, capacity, head_dim]. A request
+owns one slot for its whole life and appends one position per decode step, so nothing
+is re-padded or copied per step. The running batch is kept in slots 0..B-1 (a leaving
+request's slot is filled by moving the last one in), so decode attention reads a plain
+view of the cache instead of gathering it.
+
+Memory is `slots × capacity` tokens; the scheduler plans both (rounded up, so
+reallocations are rare) within `max_batch_total_tokens`, which is what bounds the KV
+memory, and the cache is released when the engine goes idle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CAPACITY_ROUND = 64
+SLOTS_ROUND = 8
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class SlotKVCache:
+    """Per-layer K/V tensors addressed by (slot, position)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self._kv: torch.Tensor | None = None  # [layers, 2, slots, kv_heads, capacity, head_dim]
+
+    @property
+    def slots(self) -> int:
+        return 0 if self._kv is None else self._kv.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._kv is None else self._kv.shape[4]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 0 if self._kv is None else self._kv.numel() * self._kv.element_size()
+
+    def fit(self, slots: int, capacity: int, live_slots: int, max_tokens: int) -> None:
+        """Make room for `slots` rows of `capacity` positions, keeping slots 0..live_slots-1.
+
+        The current allocation is kept when it is large enough and still within
+        `max_tokens`; otherwise the cache is reallocated to exactly (slots, capacity).
+        """
+        cur_slots, cur_cap = self.slots, self.capacity
+        if cur_slots >= slots and cur_cap >= capacity and cur_slots * cur_cap <= max_tokens:
+            return
+        kv = torch.zeros(
+            (self.num_layers, 2, slots, self.num_kv_heads, capacity, self.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        live = min(live_slots, cur_slots, slots)
+        if self._kv is not None and live:
+            keep = min(cur_cap, capacity)
+            kv[:, :, :live, :, :keep] = self._kv[:, :, :live, :, :keep]
+        self._kv = None  # drop the old one before anything else allocates
+        self._kv = kv
+
+    def release(self) -> None:
+        """Free all memory (the engine is idle)."""
+        self._kv = None
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._kv is not None, "cache used before ensure()"
+        return self._kv[index, 0], self._kv[index, 1]
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (compaction)."""
+        assert self._kv is not None
+        self._kv[:, :, dst, :, :length] = self._kv[:, :, src, :, :length]

@@ -1,0 +1,161 @@
+"""Load a Hugging Face layout folder into the engine's model, safetensors only.
+
+Pickle checkpoints (`*.bin`, `*.pt`) can run arbitrary code when loaded, so they are
+refused with a message that says how to convert them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from twinserve.config import EngineConfig
+from twinserve.engine.models.llama import LlamaModel
+from twinserve.errors import ModelLoadError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    """The model, its tokenizer and the facts a server reports about them."""
+
+    model: LlamaModel
+    tokenizer: Any
+    config: Any
+    eos_token_ids: frozenset[int]
+    model_path: Path
+    dtype: torch.dtype
+    device: torch.device
+    weights_sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device=cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 where the hardware runs it natively (CUDA ≥ Ampere, CPU with AMX/AVX512-BF16)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name == "sdpa":
+        return name
+    try:
+        import flash_attn  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    if name == "flash_attention_2":
+        if device.type != "cuda" or not installed:
+            raise ModelLoadError("flash_attention_2 needs a CUDA device and the flash-attn package")
+        return name
+    return "flash_attention_2" if device.type == "cuda" and installed else "sdpa"
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors shards; refuses pickle-only checkpoints."""
+    if not path.is_dir():
+        raise NotFoundError(f"model folder not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelLoadError(f"safetensors shards missing in {path}: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); twinserve loads safetensors "
+            "only, because unpickling can run arbitrary code. Convert once with: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+        )
+    raise ModelLoadError(f"no safetensors weights in {path}")
+
+
+def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of the shards, and a sha256 over the files (what `/info` reports)."""
+    weights: dict[str, torch.Tensor] = {}
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                weights[name] = f.get_tensor(name)
+    return weights, digest.hexdigest()
+
+
+def eos_ids(path: Path, config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    sources: list[Any] = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen = path / "generation_config.json"
+    if gen.exists():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(i for i in src if isinstance(i, int))
+    return frozenset(ids)
+
+
+def load_model(cfg: EngineConfig) -> LoadedModel:
+    """Build the engine's model from a folder, on the configured device and dtype."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(cfg.model).expanduser()
+    files = safetensors_files(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read config/tokenizer in {path}: {exc}") from exc
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") and dtype == torch.float32:
+        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    attention = resolve_attention(cfg.attention, device)
+    weights, sha = read_weights(files)
+    model = LlamaModel(config, weights, dtype=dtype, device=device, quantize=cfg.quantize, attention=attention)
+    if weights:
+        log.debug("unused weights: %s", sorted(weights)[:10])
+    log.info("loaded %s on %s as %s (quantize=%s, attention=%s)", path, device, dtype, cfg.quantize, attention)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        eos_token_ids=eos_ids(path, config, tokenizer),
+        model_path=path,
+        dtype=model.act_dtype,
+        device=device,
+        weights_sha256=sha,
+        extra={"attention": attention, "quantize": cfg.quantize},
+    )

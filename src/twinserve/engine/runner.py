@@ -1,0 +1,139 @@
+"""Model runner: turns scheduled rows into one forward pass and sampled tokens.
+
+The engine talks to it through the `Runner` protocol with plain data (rows in,
+`RunnerOutput` out), so scheduling and engine logic are testable with a fake runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from twinserve.config import EngineConfig
+from twinserve.engine.kv_cache import SlotKVCache
+from twinserve.engine.loader import LoadedModel
+from twinserve.engine.models.llama import ForwardBatch
+from twinserve.engine.sampling import sample
+from twinserve.engine.scheduler import SlotMove
+from twinserve.engine.state import RequestState
+
+
+@dataclass
+class RunnerOutput:
+    """Per row: the sampled token, its logprob, its top alternatives; prompt logprobs for prefill rows that asked."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]]
+    prompt_logprobs: list[list[float] | None] = field(default_factory=list)
+
+
+class Runner(Protocol):
+    """What the engine needs from whatever executes the model."""
+
+    def prepare_cache(self, slots: int, capacity: int, live_slots: int) -> None: ...
+
+    def move_slot(self, move: SlotMove) -> None: ...
+
+    def release_cache(self) -> None: ...
+
+    def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput: ...
+
+
+class ModelRunner:
+    """Runs the Llama-family model over the slot cache."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config
+        self.device = loaded.device
+        shape = self.model.shape
+        self.cache = SlotKVCache(
+            shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.act_dtype, self.device
+        )
+
+    # --------------------------------------------------------------- cache
+    def prepare_cache(self, slots: int, capacity: int, live_slots: int) -> None:
+        self.cache.fit(slots, capacity, live_slots, self.config.max_batch_total_tokens)
+
+    def move_slot(self, move: SlotMove) -> None:
+        self.cache.move_slot(move.src, move.dst, move.length)
+
+    def release_cache(self) -> None:
+        self.cache.release()
+
+    # ------------------------------------------------------------- forward
+    def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput:
+        if prefill:
+            logits, prompt_logprobs = self._prefill(rows)
+        else:
+            logits, prompt_logprobs = self._decode(rows), [None] * len(rows)
+        result = sample(logits, [r.sampling for r in rows], [r.top_n for r in rows])
+        return RunnerOutput(
+            token_ids=result.token_ids,
+            logprobs=result.logprobs,
+            top_tokens=result.top_tokens,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _decode(self, rows: list[RequestState]) -> torch.Tensor:
+        dev = self.device
+        positions = torch.tensor([r.num_cached for r in rows], dtype=torch.long)
+        slots_list = [r.slot for r in rows]
+        contiguous = slots_list == list(range(len(rows)))
+        attn_len = int(positions.max()) + 1
+        mask = None
+        if len(rows) > 1 and int(positions.min()) + 1 != attn_len:
+            mask = (torch.arange(attn_len)[None, :] <= positions[:, None])[:, None, None, :].to(dev)
+        batch = ForwardBatch(
+            input_ids=torch.tensor([r.last_token_id for r in rows], dtype=torch.long).to(dev),
+            positions=positions.to(dev),
+            slots=torch.tensor(slots_list, dtype=torch.long).to(dev),
+            is_prefill=False,
+            attn_len=attn_len,
+            decode_mask=mask,
+            slots_contiguous=contiguous,
+        )
+        return self.model.forward(batch, self.cache)
+
+    def _prefill(self, rows: list[RequestState]) -> tuple[torch.Tensor, list[list[float] | None]]:
+        dev = self.device
+        width = max(r.prompt_len for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : r.prompt_len] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        lengths = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
+        # logits: every prompt position for rows that want prompt logprobs, else the last one
+        index: list[int] = []
+        spans: list[tuple[int, int]] = []  # (first logits row, rows) per request
+        for i, r in enumerate(rows):
+            start = len(index)
+            if r.wants_prompt_logprobs:
+                index.extend(range(i * width, i * width + r.prompt_len))
+            else:
+                index.append(i * width + r.prompt_len - 1)
+            spans.append((start, len(index) - start))
+        batch = ForwardBatch(
+            input_ids=ids.to(dev),
+            positions=torch.arange(width, dtype=torch.long).expand(len(rows), width).to(dev),
+            slots=torch.tensor([r.slot for r in rows], dtype=torch.long).to(dev),
+            is_prefill=True,
+            attn_len=width,
+            lengths=lengths.to(dev),
+        )
+        logits = self.model.forward(batch, self.cache, torch.tensor(index, dtype=torch.long).to(dev))
+        last_rows = [start + n - 1 for start, n in spans]
+        prompt_logprobs: list[list[float] | None] = []
+        for r, (start, n) in zip(rows, spans):
+            if not r.wants_prompt_logprobs:
+                prompt_logprobs.append(None)
+                continue
+            logp = torch.log_softmax(logits[start : start + n - 1], dim=-1)
+            targets = torch.tensor(r.prompt_ids[1:], dtype=torch.long, device=logp.device)
+            prompt_logprobs.append(logp.gather(1, targets[:, None]).squeeze(1).tolist())
+        if len(last_rows) != logits.shape[0]:
+            logits = logits[torch.tensor(last_rows, device=logits.device)]
+        return logits, prompt_logprobs

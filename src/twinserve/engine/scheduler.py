@@ -1,0 +1,130 @@
+"""Iteration-level scheduler: who is prefilled and who decodes in the next step.
+
+Pure bookkeeping over `RequestState`s — no tensors, no model — so it is tested with a
+fake runner. Policy:
+- FIFO admission, never skipping the head of the queue (no starvation);
+- newcomers are prefilled together while the padded prefill (rows × longest prompt)
+  stays within `max_batch_prefill_tokens`, so running streams stall for at most one
+  bounded prefill per step;
+- a request is admitted only if the KV cache, sized for every running request's
+  reserved tokens (prompt + max_new_tokens), stays within `max_batch_total_tokens`;
+  one that does not fit waits, it is never truncated;
+- running requests occupy slots 0..n-1; when one leaves, the last one moves into its
+  slot, so decode reads a contiguous view of the cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from twinserve.config import EngineConfig
+from twinserve.engine.kv_cache import CAPACITY_ROUND, SLOTS_ROUND, round_up
+from twinserve.engine.request import RequestStatus
+from twinserve.engine.state import RequestState
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Copy `length` cached positions from slot `src` to slot `dst` before the next forward."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: rows to decode (slots 0..len-1), rows to prefill, cache size to hold them."""
+
+    decode: list[RequestState] = field(default_factory=list)
+    prefill: list[RequestState] = field(default_factory=list)
+    cache_slots: int = 0
+    cache_capacity: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    """Holds the waiting queue and the running batch."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+
+    # ------------------------------------------------------------ queries
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----------------------------------------------------------- mutation
+    def add(self, state: RequestState) -> None:
+        state.status = RequestStatus.WAITING
+        self.waiting.append(state)
+
+    def remove(self, state: RequestState) -> SlotMove | None:
+        """Take a request out (finished or aborted); return the slot move that keeps slots compact."""
+        if state.status is RequestStatus.WAITING or state.slot < 0:
+            try:
+                self.waiting.remove(state)
+            except ValueError:
+                pass
+            return None
+        slot = state.slot
+        last = self.running.pop()
+        state.slot = -1
+        if last is state:
+            return None
+        self.running[slot] = last
+        move = SlotMove(src=last.slot, dst=slot, length=last.num_cached)
+        last.slot = slot
+        return move
+
+    def schedule(self) -> SchedulerOutput:
+        """Admit what fits from the queue; everyone already running decodes."""
+        out = SchedulerOutput(decode=list(self.running))
+        cfg = self.config
+        capacity = max((r.reserved_tokens for r in self.running), default=0)
+        width = 0
+        while self.waiting:
+            head = self.waiting[0]
+            n_rows = len(self.running) + 1
+            if n_rows > cfg.max_batch_size:
+                break
+            new_width = max(width, head.prompt_len)
+            if out.prefill and (len(out.prefill) + 1) * new_width > cfg.max_batch_prefill_tokens:
+                break
+            new_capacity = max(capacity, head.reserved_tokens)
+            if self.cache_plan(n_rows, new_capacity) is None:
+                break
+            self.waiting.popleft()
+            head.status = RequestStatus.RUNNING
+            head.slot = len(self.running)
+            head.mark_scheduled()
+            self.running.append(head)
+            out.prefill.append(head)
+            width, capacity = new_width, new_capacity
+        plan = self.cache_plan(len(self.running), capacity) if self.running else (0, 0)
+        assert plan is not None
+        out.cache_slots, out.cache_capacity = plan
+        return out
+
+    def cache_plan(self, slots: int, capacity: int) -> tuple[int, int] | None:
+        """Cache size to allocate for this demand, or None if it exceeds the KV budget.
+
+        Sizes are rounded up (fewer reallocations) only while the rounded size still fits.
+        """
+        budget = self.config.max_batch_total_tokens
+        if slots * capacity > budget:
+            return None
+        cap = round_up(capacity, CAPACITY_ROUND)
+        if slots * cap > budget:
+            cap = capacity
+        n = max(slots, min(round_up(slots, SLOTS_ROUND), budget // cap))
+        return n, cap

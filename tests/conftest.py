@@ -1,0 +1,64 @@
+"""Shared fixtures: one persistent twinserve home for the whole run, and the default model.
+
+The home persists between runs (`.cache/test-home`, or TWINSERVE_TEST_HOME) so the default
+model is downloaded and converted once per machine, not once per test run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _test_home() -> Path:
+    configured = os.environ.get("TWINSERVE_TEST_HOME")
+    return Path(configured).expanduser().resolve() if configured else REPO_ROOT / ".cache" / "test-home"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated here so a run with another config still knows them.
+    config.addinivalue_line("markers", "integration: uses the real default model")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped where none is available")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return  # don't pay for importing torch
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def test_home() -> Path:
+    """The persistent TWINSERVE_HOME of the test run."""
+    home = _test_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _twinserve_home(test_home: Path) -> Iterator[None]:
+    # Keep every test away from the user's real ~/.cache/twinserve.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TWINSERVE_HOME", str(test_home))
+        mp.delenv("TWINSERVE_DEFAULT_MODEL_WHEEL", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def default_model_path(_twinserve_home: None) -> Path:
+    """Folder of the real default model (SmolLM2-135M-Instruct), built once per machine."""
+    from twinserve.registry.default_model import ensure_default_model
+
+    return ensure_default_model(progress=False)

@@ -1,0 +1,96 @@
+"""Small builders for tests: a byte-level BPE tokenizer and a tiny random Llama folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from twinserve.config import EngineConfig
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, hello there, general kenobi",
+    "héllo wörld 日本語 🙂 naïve café",
+    "once upon a time there was a dragon and a knight",
+    "to be or not to be, that is the question",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE with chat special tokens, trained in-process (~ms)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama_dir(
+    path: Path,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    num_layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a random Llama (hidden 64, GQA 4/2 heads) with the tiny tokenizer to `path`."""
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,  # peaked logits: greedy decoding without near-ties
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def engine_config(model: Path, **overrides: object) -> EngineConfig:
+    """Small limits so tests exercise the budgets; fp32 for exact comparisons."""
+    values: dict[str, object] = {
+        "model": str(model),
+        "dtype": "float32",
+        "max_input_tokens": 128,
+        "max_total_tokens": 256,
+        "max_batch_prefill_tokens": 512,
+        "max_batch_total_tokens": 4096,
+        "max_batch_size": 16,
+        "max_concurrent_requests": 32,
+    }
+    values.update(overrides)
+    return EngineConfig.model_validate(values)

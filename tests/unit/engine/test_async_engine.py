@@ -1,0 +1,91 @@
+"""The async boundary: streaming, cancellation, overload and engine death."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.factories import engine_config
+from twinserve.engine.async_engine import AsyncEngine
+from twinserve.engine.factory import build_engine
+from twinserve.engine.request import GenerateRequest, SamplingParams
+from twinserve.errors import EngineDeadError, OverloadedError, ValidationError
+
+
+@pytest.fixture()
+def async_engine(tiny_model_dir: Path):
+    engine = AsyncEngine(build_engine(engine_config(tiny_model_dir, max_concurrent_requests=4)))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def req(max_new: int = 8, rid: str | None = None) -> GenerateRequest:
+    kwargs = {"request_id": rid} if rid else {}
+    return GenerateRequest(prompt="hello world", params=SamplingParams(max_new_tokens=max_new), **kwargs)
+
+
+async def _collect(engine: AsyncEngine, request: GenerateRequest) -> list:
+    return [e async for e in engine.generate(request)]
+
+
+def test_streams_every_token_then_a_final_event(async_engine: AsyncEngine) -> None:
+    async def main() -> list:
+        return await asyncio.gather(*[_collect(async_engine, req(6)) for _ in range(3)])
+
+    for events in asyncio.run(main()):
+        assert len(events) == 6 and events[-1].finished and not any(e.finished for e in events[:-1])
+        assert "".join(e.text for e in events) == events[-1].generated_text
+
+
+def test_cancelling_the_consumer_aborts_the_request(async_engine: AsyncEngine) -> None:
+    async def main() -> None:
+        stream = async_engine.generate(req(200))
+        async for _ in stream:
+            break
+        await stream.aclose()  # what a disconnected HTTP client does
+        for _ in range(100):
+            if async_engine.engine.num_in_flight == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("aborted request still in flight")
+
+    asyncio.run(main())
+
+
+def test_overload_and_validation_are_raised_at_once(async_engine: AsyncEngine) -> None:
+    async def main() -> None:
+        streams = [async_engine.generate(req(200)) for _ in range(4)]
+        firsts = [await s.__anext__() for s in streams]
+        assert all(f.token is not None for f in firsts)
+        with pytest.raises(OverloadedError):
+            await asyncio.wait_for(_collect(async_engine, req(2)), timeout=5)
+        with pytest.raises(ValidationError):
+            await _collect(async_engine, GenerateRequest(prompt="x", params=SamplingParams(max_new_tokens=999)))
+        for s in streams:
+            await s.aclose()
+
+    asyncio.run(main())
+
+
+def test_engine_death_fails_requests_and_reports_unhealthy(async_engine: AsyncEngine) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert (simulated)")
+
+    async_engine.engine.runner.execute = broken  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for _ in range(3):  # three failed forwards in a row: the engine gives up
+            with pytest.raises((Exception,)):
+                await asyncio.wait_for(_collect(async_engine, req(4)), timeout=10)
+        for _ in range(100):
+            if not async_engine.is_healthy:
+                break
+            await asyncio.sleep(0.02)
+        assert not async_engine.is_healthy
+        with pytest.raises(EngineDeadError):
+            await _collect(async_engine, req(2))
+
+    asyncio.run(main())

@@ -1,0 +1,187 @@
+"""The engine on a tiny random Llama: exactness against transformers, batching, params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.factories import engine_config
+from twinserve.engine.engine import Engine
+from twinserve.engine.factory import build_engine
+from twinserve.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenEvent
+from twinserve.errors import ValidationError
+
+PROMPTS = [
+    "the quick brown fox",
+    "hello world, hello there, general kenobi and the lazy dog",
+    "once",
+    "to be or not to be, that is",
+    "héllo wörld 日本語",
+]
+
+
+def run(engine: Engine, requests: list[GenerateRequest], join_every: int = 0) -> dict[str, list[TokenEvent]]:
+    """Feed requests (all at once, or one more every `join_every` steps) and collect events."""
+    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+    pending = list(requests)
+    step = 0
+    while pending or engine.has_work():
+        if pending and (join_every == 0 or step % join_every == 0):
+            batch = pending if join_every == 0 else pending[:1]
+            for r in batch:
+                engine.add_request(r)
+            pending = pending[len(batch):]
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+        step += 1
+    return events
+
+
+def hf_greedy(model_dir: Path, prompt: str, max_new: int) -> list[int]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return build_engine(engine_config(tiny_model_dir))
+
+
+def token_ids(events: list[TokenEvent]) -> list[int]:
+    return [e.token.id for e in events if e.token is not None]
+
+
+def greedy(prompt: str, rid: str, max_new: int = 24) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, params=SamplingParams(max_new_tokens=max_new), request_id=rid)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
+def test_greedy_equals_transformers_generate_fp32(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    engine = build_engine(engine_config(model_dir))
+    engine.eos_token_ids = frozenset()  # compare full lengths, like min_new_tokens
+    expected = {p: hf_greedy(model_dir, p, 24) for p in PROMPTS}
+    alone = {p: token_ids(run(engine, [greedy(p, "x")])["x"]) for p in PROMPTS}
+    batched = run(engine, [greedy(p, f"r{i}") for i, p in enumerate(PROMPTS)])
+    staggered = run(engine, [greedy(p, f"s{i}") for i, p in enumerate(PROMPTS)], join_every=3)
+    for i, p in enumerate(PROMPTS):
+        assert alone[p] == expected[p], p
+        assert token_ids(batched[f"r{i}"]) == expected[p], p
+        assert token_ids(staggered[f"s{i}"]) == expected[p], p
+
+
+def test_stream_text_concatenates_to_generated_text(engine: Engine) -> None:
+    events = run(engine, [greedy(p, f"r{i}", 40) for i, p in enumerate(PROMPTS)])
+    for rid, evs in events.items():
+        final = evs[-1]
+        assert final.finished and final.generated_text is not None
+        assert "".join(e.text for e in evs) == final.generated_text
+        ids = token_ids(evs)
+        tok = engine.tokenizer
+        assert final.generated_text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_sequence_across_tokens_is_never_leaked(engine: Engine) -> None:
+    base = run(engine, [greedy(PROMPTS[1], "base", 40)])["base"]
+    text = base[-1].generated_text or ""
+    per_token = [e.token.text for e in base if e.token is not None]
+    # a stop string that spans a token boundary
+    boundary = len(per_token[0]) + len(per_token[1]) + len(per_token[2])
+    stop = text[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and stop in text
+    events = run(engine, [GenerateRequest(prompt=PROMPTS[1], request_id="s",
+                                          params=SamplingParams(max_new_tokens=40, stop=[stop]))])["s"]
+    final = events[-1]
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE
+    assert final.generated_text == text[: text.index(stop)]
+    streamed = ""
+    for e in events:
+        streamed += e.text
+        assert stop not in streamed
+    assert streamed == final.generated_text
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    alone = run(engine, [GenerateRequest(prompt=PROMPTS[0], params=params, request_id="a")])["a"]
+    others = [GenerateRequest(prompt=p, request_id=f"o{i}",
+                              params=SamplingParams(max_new_tokens=20, do_sample=True))
+              for i, p in enumerate(PROMPTS)]
+    batch = run(engine, [*others, GenerateRequest(prompt=PROMPTS[0], params=params, request_id="b")])
+    assert token_ids(alone) == token_ids(batch["b"])
+    assert alone[-1].details is not None and alone[-1].details.seed == 1234
+    other_seed = run(engine, [GenerateRequest(prompt=PROMPTS[0], request_id="c",
+                                              params=params.model_copy(update={"seed": 99}))])["c"]
+    assert token_ids(other_seed) != token_ids(alone)
+
+
+def test_details_prefill_and_top_tokens(engine: Engine, tiny_model_dir: Path) -> None:
+    params = SamplingParams(max_new_tokens=5, details=True, decoder_input_details=True, top_n_tokens=3)
+    events = run(engine, [GenerateRequest(prompt=PROMPTS[0], params=params, request_id="d")])["d"]
+    details = events[-1].details
+    assert details is not None
+    tok = engine.tokenizer
+    prompt_ids = tok(PROMPTS[0])["input_ids"]
+    assert [t.id for t in details.prefill] == prompt_ids
+    assert details.prefill[0].logprob is None
+    # prompt logprobs agree with transformers
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0], -1)
+    for j in range(1, len(prompt_ids)):
+        assert details.prefill[j].logprob == pytest.approx(logp[j - 1, prompt_ids[j]].item(), abs=1e-4)
+    assert details.tokens[0].logprob == pytest.approx(logp[-1].max().item(), abs=1e-4)
+    for tok_, top in zip(details.tokens, details.top_tokens):
+        assert len(top) == 3
+        assert top[0].id == tok_.id  # greedy: the chosen token is the most likely
+        assert top[0].logprob >= top[1].logprob >= top[2].logprob
+
+
+def test_limits_are_validation_errors(engine: Engine) -> None:
+    long_prompt = "hello world " * 200
+    with pytest.raises(ValidationError, match="must have less than 128 tokens"):
+        engine.add_request(GenerateRequest(prompt=long_prompt))
+    with pytest.raises(ValidationError, match=r"`inputs` tokens \+ `max_new_tokens` must be <= 256"):
+        engine.add_request(GenerateRequest(prompt="hello", params=SamplingParams(max_new_tokens=300)))
+    # truncate keeps the last tokens, so the same prompt is accepted
+    state = engine.add_request(GenerateRequest(prompt=long_prompt, request_id="t",
+                                               params=SamplingParams(max_new_tokens=2, truncate=100)))
+    assert state.prompt_len == 100
+    run(engine, [])
+
+
+def test_return_full_text_and_eos(engine: Engine) -> None:
+    params = SamplingParams(max_new_tokens=3, return_full_text=True)
+    final = run(engine, [GenerateRequest(prompt="once", params=params, request_id="f")])["f"][-1]
+    assert final.generated_text is not None and final.generated_text.startswith("once")
+    # forcing the EOS token as the only choice ends with finish_reason eos_token
+    eos = engine.tokenizer.eos_token_id
+    engine.eos_token_ids = frozenset(range(len(engine.tokenizer)))
+    try:
+        final = run(engine, [greedy("once", "e")])["e"][-1]
+    finally:
+        engine.eos_token_ids = frozenset({eos})
+    assert final.finish_reason is FinishReason.EOS_TOKEN and final.details.generated_tokens == 1
+
+
+def test_default_max_new_tokens_fills_to_max_total(engine: Engine) -> None:
+    state = engine.add_request(GenerateRequest(prompt="once", request_id="m"))
+    assert state.max_new_tokens == 256 - state.prompt_len
+    engine.abort_request("m")
+    run(engine, [])
+
+
+def test_cache_grows_and_compacts_under_churn_without_changing_results(engine: Engine) -> None:
+    """More requests than the first cache allocation holds, joining and leaving at different times."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(20)]
+    lengths = [3 + (7 * i) % 20 for i in range(20)]
+    solo = {i: token_ids(run(engine, [greedy(p, "x", n)])["x"]) for i, (p, n) in enumerate(zip(prompts, lengths))}
+    churn = run(engine, [greedy(p, f"c{i}", n) for i, (p, n) in enumerate(zip(prompts, lengths))], join_every=1)
+    for i in range(20):
+        assert token_ids(churn[f"c{i}"]) == solo[i]
