@@ -8,17 +8,19 @@ compare. Workloads:
 - W1: the same requests one at a time (tokens/s including prefill, as `generate` counts).
 - TTFT: a `ttft_prompt_tokens`-token prompt, time to the first token; baseline: one
   forward pass of transformers over that prompt (its prefill).
-Peak RSS is sampled while the engine runs W32, before the baseline model is loaded.
+Peak RSS is sampled while the engine runs W32 alone, before the baseline model is loaded.
+Then the two run in turn (engine W32 is run again after the baseline's, and W1/TTFT
+alternate request by request), so that slow drift of a shared machine hits both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 import torch
@@ -102,7 +104,7 @@ async def _timed_stream(engine: AsyncEngine, request: GenerateRequest) -> tuple[
     async for event in engine.generate(request):
         if event.token is not None:
             stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return len(stamps), stamps[0] - start, gaps
 
 
@@ -111,118 +113,142 @@ def _requests(prompts: list[str], max_new: int) -> list[GenerateRequest]:
     return [GenerateRequest(prompt=p, params=params, add_special_tokens=False) for p in prompts]
 
 
-async def _engine_workloads(
-    engine: AsyncEngine, cfg: EngineBenchConfig, prompts: list[str], long_ids: list[int], progress: Progress
-) -> tuple[WorkloadResult, WorkloadResult, float, float]:
-    progress(f"engine W{cfg.concurrency}")
-    with _RssSampler() as rss:
-        start = time.perf_counter()
-        results = await asyncio.gather(*[_timed_stream(engine, r) for r in _requests(prompts, cfg.max_new_tokens)])
-        wall = time.perf_counter() - start
-    tokens = sum(r[0] for r in results)
-    w32 = WorkloadResult(
-        name=f"W{cfg.concurrency}", system="twinserve", requests=len(results), output_tokens=tokens,
-        seconds=wall, tokens_per_s=tokens / wall,
-        ttft_ms_p50=1000 * statistics.median(r[1] for r in results),
-        itl_ms_p50=1000 * statistics.median(g for r in results for g in r[2]),
-    )
-    progress("engine W1")
-    w1_tokens, w1_time, ttfts, gaps = 0, 0.0, [], []
-    for request in _requests(prompts[: cfg.w1_requests], cfg.max_new_tokens):
-        start = time.perf_counter()
-        n, ttft, g = await _timed_stream(engine, request)
-        w1_time += time.perf_counter() - start
-        w1_tokens += n
-        ttfts.append(ttft)
-        gaps += g
-    w1 = WorkloadResult(
-        name="W1", system="twinserve", requests=cfg.w1_requests, output_tokens=w1_tokens, seconds=w1_time,
-        tokens_per_s=w1_tokens / w1_time, ttft_ms_p50=1000 * statistics.median(ttfts),
-        itl_ms_p50=1000 * statistics.median(gaps),
-    )
-    progress(f"engine TTFT ({cfg.ttft_prompt_tokens}-token prompt)")
-    samples = []
-    for _ in range(3):
-        request = GenerateRequest(prompt_token_ids=long_ids, params=SamplingParams(max_new_tokens=1))
-        samples.append((await _timed_stream(engine, request))[1])
-    return w32, w1, rss.peak / 2**20, 1000 * statistics.median(samples)
+class _EngineSide:
+    """The engine's half of each workload."""
 
+    def __init__(self, engine: AsyncEngine, cfg: EngineBenchConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
 
-def _baseline_workloads(
-    cfg: EngineBenchConfig, dtype: torch.dtype, prompts: list[str], long_ids: list[int], progress: Progress
-) -> tuple[WorkloadResult, WorkloadResult, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
-    gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.max_new_tokens, "do_sample": False,
-           "pad_token_id": tok.pad_token_id}
-    progress(f"transformers generate, static batch of {len(prompts)}")
-    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        model.generate(**tok(prompts[:2], return_tensors="pt", padding=True, add_special_tokens=False),
-                       max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(**batch, **gen)
-        wall = time.perf_counter() - start
-    tokens = (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
-    w32 = WorkloadResult(name=f"W{len(prompts)}", system="hf-generate", requests=len(prompts),
-                         output_tokens=tokens, seconds=wall, tokens_per_s=tokens / wall)
-    progress("transformers generate, one request at a time")
-    w1_tokens, w1_time = 0, 0.0
-    with torch.inference_mode():
-        for p in prompts[: cfg.w1_requests]:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False)
+    def batch(self, prompts: list[str]) -> tuple[int, float, list[float], list[float]]:
+        async def main() -> tuple[float, list[tuple[int, float, list[float]]]]:
             start = time.perf_counter()
-            out = model.generate(**ids, **gen)
-            w1_time += time.perf_counter() - start
-            w1_tokens += out.shape[1] - ids.input_ids.shape[1]
-    w1 = WorkloadResult(name="W1", system="hf-generate", requests=cfg.w1_requests, output_tokens=w1_tokens,
-                        seconds=w1_time, tokens_per_s=w1_tokens / w1_time)
-    progress("transformers prefill")
-    samples = []
-    with torch.inference_mode():
-        for _ in range(3):
+            runs = await asyncio.gather(*[_timed_stream(self.engine, r)
+                                          for r in _requests(prompts, self.cfg.max_new_tokens)])
+            return time.perf_counter() - start, runs
+
+        wall, runs = asyncio.run(main())
+        return sum(r[0] for r in runs), wall, [r[1] for r in runs], [g for r in runs for g in r[2]]
+
+    def single(self, prompt: str) -> tuple[int, float, float, list[float]]:
+        start = time.perf_counter()
+        n, ttft, gaps = asyncio.run(_timed_stream(self.engine, _requests([prompt], self.cfg.max_new_tokens)[0]))
+        return n, time.perf_counter() - start, ttft, gaps
+
+    def ttft(self, ids: list[int]) -> float:
+        request = GenerateRequest(prompt_token_ids=ids, params=SamplingParams(max_new_tokens=1))
+        return asyncio.run(_timed_stream(self.engine, request))[1]
+
+
+class _BaselineSide:
+    """transformers `generate` with static left-padded batches, the same prompts."""
+
+    def __init__(self, cfg: EngineBenchConfig, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(cfg.model)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
+        self.gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.max_new_tokens,
+                    "do_sample": False, "pad_token_id": self.tok.pad_token_id}
+        self._generate(["warm up"], max_new_tokens=2, min_new_tokens=2)
+
+    def _generate(self, prompts: list[str], **overrides: Any) -> tuple[int, float]:
+        batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
             start = time.perf_counter()
-            model(torch.tensor([long_ids]), use_cache=True)
-            samples.append(time.perf_counter() - start)
-    return w32, w1, 1000 * statistics.median(samples)
+            out = self.model.generate(**batch, **{**self.gen, **overrides})
+            wall = time.perf_counter() - start
+        return (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0], wall
+
+    def batch(self, prompts: list[str]) -> tuple[int, float]:
+        return self._generate(prompts)
+
+    def single(self, prompt: str) -> tuple[int, float]:
+        return self._generate([prompt])
+
+    def prefill(self, ids: list[int]) -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(torch.tensor([ids]), use_cache=True)
+            return time.perf_counter() - start
+
+
+def _ms(seconds: list[float]) -> float:
+    return 1000 * statistics.median(seconds)
 
 
 def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None) -> EngineBenchReport:
+    """Engine first alone (its peak RSS), then engine and baseline interleaved so drift hits both."""
     torch.set_num_threads(cfg.threads)
     progress("loading the engine")
     engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, num_threads=cfg.threads,
                               max_batch_size=max(64, cfg.concurrency),
                               max_concurrent_requests=max(128, cfg.concurrency))
-    engine = AsyncEngine(build_engine(engine_cfg))
-    tokenizer = engine.engine.tokenizer
-    prompts = [render_chat(tokenizer, m) for m in chat_messages(cfg.concurrency)]
-    long_ids = long_prompt_ids(tokenizer, cfg.ttft_prompt_tokens)
-    engine.start()
+    async_engine = AsyncEngine(build_engine(engine_cfg))
+    async_engine.start()
     try:
-        w32, w1, rss_mb, ttft = asyncio.run(_engine_workloads(engine, cfg, prompts, long_ids, progress))
+        return _measure(cfg, _EngineSide(async_engine, cfg), progress)
     finally:
-        engine.shutdown()
-    dtype = engine.engine.loaded.dtype if engine.engine.loaded else torch.float32
-    del engine
-    gc.collect()
+        async_engine.shutdown()
+
+
+def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> EngineBenchReport:
+    tokenizer = eng.engine.engine.tokenizer
+    loaded = eng.engine.engine.loaded
+    dtype = loaded.dtype if loaded is not None else torch.float32
+    prompts = [render_chat(tokenizer, m) for m in chat_messages(cfg.concurrency)]
+    singles = prompts[: cfg.w1_requests]
+    long_ids = long_prompt_ids(tokenizer, cfg.ttft_prompt_tokens)
+    name = f"W{cfg.concurrency}"
+
+    progress(f"engine {name} (alone, for peak RSS)")
+    with _RssSampler() as rss:
+        runs = [eng.batch(prompts)]
+    base: _BaselineSide | None = None
+    if cfg.baseline:
+        progress("loading transformers")
+        # int8 has no transformers twin here; the baseline computes in the engine's activation dtype
+        base = _BaselineSide(cfg, torch.float32 if cfg.quantize == "int8" else dtype)
+        progress(f"transformers {name}")
+        base_batch = base.batch(prompts)
+        progress(f"engine {name} (again, after the baseline)")
+        runs.append(eng.batch(prompts))
+    tokens = sum(r[0] for r in runs)
+    wall = sum(r[1] for r in runs)
+    w32 = WorkloadResult(name=name, system="twinserve", requests=len(prompts) * len(runs), output_tokens=tokens,
+                         seconds=wall, tokens_per_s=tokens / wall, ttft_ms_p50=_ms([t for r in runs for t in r[2]]),
+                         itl_ms_p50=_ms([g for r in runs for g in r[3]]))
+    progress("W1, engine and transformers in turn")
+    e1, b1 = [], []
+    for p in singles:
+        e1.append(eng.single(p))
+        if base is not None:
+            b1.append(base.single(p))
+    w1 = WorkloadResult(name="W1", system="twinserve", requests=len(e1), output_tokens=sum(r[0] for r in e1),
+                        seconds=sum(r[1] for r in e1), tokens_per_s=sum(r[0] for r in e1) / sum(r[1] for r in e1),
+                        ttft_ms_p50=_ms([r[2] for r in e1]), itl_ms_p50=_ms([g for r in e1 for g in r[3]]))
+    progress(f"TTFT of a {cfg.ttft_prompt_tokens}-token prompt")
+    ttfts, prefills = [], []
+    for _ in range(3):
+        ttfts.append(eng.ttft(long_ids))
+        if base is not None:
+            prefills.append(base.prefill(long_ids))
     results = [w32, w1]
     ratios: dict[str, float] = {}
-    prefill_ms = None
-    if cfg.baseline:
-        # int8 has no transformers twin here; the baseline computes in the model's dtype
-        base_dtype = torch.float32 if cfg.quantize == "int8" else dtype
-        b32, b1, prefill_ms = _baseline_workloads(cfg, base_dtype, prompts, long_ids, progress)
-        results += [b32, b1]
+    if base is not None:
+        bw32 = WorkloadResult(name=name, system="hf-generate", requests=len(prompts), output_tokens=base_batch[0],
+                              seconds=base_batch[1], tokens_per_s=base_batch[0] / base_batch[1])
+        bw1 = WorkloadResult(name="W1", system="hf-generate", requests=len(b1), output_tokens=sum(r[0] for r in b1),
+                             seconds=sum(r[1] for r in b1), tokens_per_s=sum(r[0] for r in b1) / sum(r[1] for r in b1))
+        results += [bw32, bw1]
         ratios = {
-            f"{w32.name}_throughput": w32.tokens_per_s / b32.tokens_per_s,
-            "W1_tokens_per_s": w1.tokens_per_s / b1.tokens_per_s,
-            "ttft_vs_prefill": ttft / prefill_ms,
+            f"{name}_throughput": w32.tokens_per_s / bw32.tokens_per_s,
+            "W1_tokens_per_s": w1.tokens_per_s / bw1.tokens_per_s,
+            "ttft_vs_prefill": _ms(ttfts) / _ms(prefills),
         }
     return EngineBenchReport(config=cfg, dtype=str(dtype).removeprefix("torch."), results=results, ratios=ratios,
-                             peak_rss_mb_w32=rss_mb, ttft_ms=ttft, baseline_prefill_ms=prefill_ms)
-
+                             peak_rss_mb_w32=rss.peak / 2**20, ttft_ms=_ms(ttfts),
+                             baseline_prefill_ms=_ms(prefills) if prefills else None)

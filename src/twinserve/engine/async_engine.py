@@ -53,6 +53,7 @@ class AsyncEngine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="twinserve-engine", daemon=True)
         self._thread.start()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import sys
 
 import torch
 
@@ -24,7 +27,22 @@ def build_engine(config: EngineConfig, *, warmup: bool = True) -> Engine:
     engine.loaded = loaded
     if warmup:
         warm_up(engine)
+    release_freed_memory()
     return engine
+
+
+def release_freed_memory() -> None:
+    """Give the heap freed while loading (raw and fused copies of the weights) back to the OS.
+
+    glibc keeps freed blocks in its arenas, so without this the resident size stays at
+    the loading peak for the life of the server (~200 MB more for the default model).
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another libc: nothing to trim
+            pass
 
 
 def warm_up(engine: Engine) -> None:

@@ -151,7 +151,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState], top_n: list[int]) 
         _warp(scores, [states[i] for i in sample_rows], sample_rows)
 
     logprobs = torch.log_softmax(scores, dim=-1)
-    token_ids = scores.argmax(dim=-1)
+    token_ids = fast_argmax(scores)
     if sample_rows:
         idx = torch.tensor(sample_rows, device=scores.device)
         rows = logprobs if len(sample_rows) == len(states) else logprobs[idx]
@@ -163,6 +163,23 @@ def sample(logits: torch.Tensor, states: list[SamplingState], top_n: list[int]) 
         logprobs=chosen.tolist(),
         top_tokens=_top_tokens(logprobs, top_n),
     )
+
+
+def fast_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of [B, V], the first index of the maximum like `torch.argmax`.
+
+    The CPU argmax kernel is not vectorised (1.8 ms for 32 x 49152 here, against 0.13 ms
+    for `amax`), so on CPU: maxima of blocks, the first block holding the row maximum,
+    then argmax inside that block only.
+    """
+    rows, vocab = x.shape
+    block = next((b for b in (1024, 2048, 512, 4096, 256, 1002) if vocab % b == 0), 0)
+    if x.device.type != "cpu" or block == 0 or vocab <= block:
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, vocab // block, block)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows, device=x.device), best_block].argmax(dim=-1)
+    return best_block * block + inner
 
 
 def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:

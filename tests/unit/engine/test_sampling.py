@@ -365,3 +365,16 @@ def test_inverse_cdf_never_draws_zero_probability(u: float) -> None:
     drawn = sampling._inverse_cdf(probs.log(), [_FixedUniform(u)] * 2, fallback)  # type: ignore[list-item]
     assert drawn[0].item() == (1 if u < 0.5 else 3)
     assert drawn[1].item() == 2
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 128256, 300])
+def test_fast_argmax_equals_argmax_including_ties(vocab: int) -> None:
+    from twinserve.engine.sampling import fast_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(7, vocab, generator=g)
+    x[1] = 0.0  # all tied: the first index wins
+    x[2, vocab // 3] = 50.0
+    x[2, vocab - 1] = 50.0  # a tie across blocks
+    x[3, 5] = float("inf")
+    assert torch.equal(fast_argmax(x), x.argmax(dim=-1))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from twinserve.engine.kv_cache import SlotKVCache
-from twinserve.engine.layers import Linear, make_linear
+from twinserve.engine.layers import Linear, PackedBf16Linear, make_linear
 from twinserve.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -146,7 +146,12 @@ class LlamaModel:
         if lm_head is None or s.tie_word_embeddings:
             lm_head = self.embed
         # the LM head stays unquantized: it decides the token, and it's one matrix
-        self.lm_head = make_linear(lm_head, None, quantize=None, dtype=self.act_dtype)
+        # int8 computes in fp32, but an fp32 LM head would read 2x the bytes of bf16 each
+        # step; on CPUs with fast bf16 it runs as a packed bf16 matrix instead
+        self.lm_dtype = self.act_dtype
+        if quantize == "int8" and PackedBf16Linear.supported():
+            self.lm_dtype = torch.bfloat16
+        self.lm_head = make_linear(lm_head, None, quantize=None, dtype=self.lm_dtype)
         self._rope_inv_freq, self._rope_scaling = _rope_parameters(config, device)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
@@ -154,14 +159,21 @@ class LlamaModel:
 
     # ----------------------------------------------------------------- rope
     def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions < length, computed like transformers (fp32, then cast)."""
+        """cos and sign-folded sin for positions < length, computed like transformers (fp32, then cast).
+
+        rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: negating sin instead of x is
+        exact, and one roll replaces two slices, a negation and a cat per layer.
+        """
         if self._cos is None or self._cos.shape[0] < length:
             size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             pos = torch.arange(size, device=self.device, dtype=torch.float32)
             freqs = pos[:, None] * self._rope_inv_freq[None, :].float()
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos = (emb.cos() * self._rope_scaling).to(self.act_dtype)
-            self._sin = (emb.sin() * self._rope_scaling).to(self.act_dtype)
+            cos = (emb.cos() * self._rope_scaling).to(self.act_dtype)
+            sin = (emb.sin() * self._rope_scaling).to(self.act_dtype)
+            half = sin.shape[-1] // 2
+            self._cos = cos
+            self._sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         assert self._sin is not None
         return self._cos, self._sin
 
@@ -183,11 +195,12 @@ class LlamaModel:
         cos, sin = cos_t[batch.positions.reshape(-1)], sin_t[batch.positions.reshape(-1)]
         cos, sin = cos[:, None, :], sin[:, None, :]
         n_q, n_kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
+        half = hd // 2
         for index, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
             qk = qkv[:, : (n_q + n_kv) * hd].view(-1, n_q + n_kv, hd)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # rounded like transformers
             q, k = qk[:, :n_q], qk[:, n_q:]
             v = qkv[:, (n_q + n_kv) * hd :].view(-1, n_kv, hd)
             if batch.is_prefill:
@@ -197,7 +210,7 @@ class LlamaModel:
             h = h + layer.o_proj(attn)
             x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            h = h + layer.down(F.silu(gate, inplace=True).mul_(up))
         if logits_index is None:
             if batch.is_prefill:
                 assert batch.lengths is not None
@@ -208,7 +221,7 @@ class LlamaModel:
         if logits_index is not None:
             h = h[logits_index]
         h = _rms_norm(h, self.norm, s.rms_norm_eps)
-        return self.lm_head(h).float()
+        return self.lm_head(h.to(self.lm_dtype)).float()
 
     def _decode_attention(
         self, batch: ForwardBatch, cache: SlotKVCache, layer: int,
@@ -264,11 +277,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _rope_parameters(config: Any, device: torch.device) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,80 @@
+"""Loading rules (safetensors only, dtype choice) and the quantized linear paths on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.factories import engine_config
+from twinserve.engine.factory import build_engine
+from twinserve.engine.layers import DynamicInt8Linear, PackedBf16Linear, make_linear
+from twinserve.engine.loader import load_model, resolve_dtype
+from twinserve.engine.request import GenerateRequest, SamplingParams
+from twinserve.errors import ModelLoadError, NotFoundError
+
+
+def test_pickle_only_checkpoints_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(engine_config(folder))
+
+
+def test_missing_folder_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        load_model(engine_config(tmp_path / "nope"))
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = (folder / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "gpt2"')
+    (folder / "config.json").write_text(cfg)
+    with pytest.raises(ModelLoadError):
+        load_model(engine_config(folder))
+
+
+def test_auto_dtype_is_a_real_dtype() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
+    assert resolve_dtype("float32", torch.device("cpu")) is torch.float32
+
+
+def _relative_error(linear, weight: torch.Tensor, x: torch.Tensor) -> float:
+    ref = x.float() @ weight.float().T
+    return float((linear(x).float() - ref).norm() / ref.norm())
+
+
+def test_int8_linear_is_close_to_fp32() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(5, 64, generator=g)
+    assert isinstance(make_linear(w, None, quantize="int8", dtype=torch.float32), DynamicInt8Linear)
+    assert _relative_error(DynamicInt8Linear(w, None), w, x) < 0.02
+
+
+@pytest.mark.skipif(not PackedBf16Linear.supported(), reason="no oneDNN bf16 on this CPU")
+def test_packed_bf16_linear_matches_plain_bf16() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(3, 64, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x, w)
+    assert torch.allclose(PackedBf16Linear(w, None)(x).float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "bitsandbytes", "bitsandbytes-nf4"])
+def test_quantized_engines_generate(quantize: str, tiny_model_dir: Path) -> None:
+    if quantize.startswith("bitsandbytes"):
+        pytest.importorskip("bitsandbytes")
+    engine = build_engine(engine_config(tiny_model_dir, dtype="auto", quantize=quantize))
+    state = engine.add_request(GenerateRequest(prompt="hello world", params=SamplingParams(
+        max_new_tokens=6, ignore_eos=True, details=True)))
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    final = events[-1]
+    assert state.status.is_finished and final.details is not None
+    assert final.details.generated_tokens == 6
+    assert all(t.logprob is not None and t.logprob <= 0.0 for t in final.details.tokens)
