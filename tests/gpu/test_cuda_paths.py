@@ -20,7 +20,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _greedy(engine, prompt: str = "the quick brown fox", n: int = 12) -> list[int]:
-    state = engine.add_request(GenerateRequest(prompt=prompt, params=SamplingParams(max_new_tokens=n, ignore_eos=True)))
+    state = engine.add_request(
+        GenerateRequest(prompt=prompt, params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+    )
     while engine.has_work():
         engine.step()
     return state.output_ids
@@ -41,17 +43,27 @@ def test_bitsandbytes_on_cuda(model_dir: Path, quantize: str) -> None:
 
 def test_flash_attention_2_prefill(model_dir: Path) -> None:
     pytest.importorskip("flash_attn")
-    sdpa = _greedy(build_engine(engine_config(model_dir, device="cuda", dtype="bfloat16", attention="sdpa")), n=4)
-    flash = _greedy(build_engine(engine_config(model_dir, device="cuda", dtype="bfloat16",
-                                               attention="flash_attention_2")), n=4)
+    sdpa = _greedy(
+        build_engine(engine_config(model_dir, device="cuda", dtype="bfloat16", attention="sdpa")), n=4
+    )
+    flash = _greedy(
+        build_engine(
+            engine_config(model_dir, device="cuda", dtype="bfloat16", attention="flash_attention_2")
+        ),
+        n=4,
+    )
     assert flash[0] == sdpa[0]
 
 
 def test_batched_decode_on_cuda(model_dir: Path) -> None:
     engine = build_engine(engine_config(model_dir, device="cuda", dtype="float32"))
     solo = _greedy(engine, "hello world")
-    states = [engine.add_request(GenerateRequest(prompt=p, params=SamplingParams(max_new_tokens=12, ignore_eos=True)))
-              for p in ["hello world", "once upon a time", "to be or not"]]
+    states = [
+        engine.add_request(
+            GenerateRequest(prompt=p, params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+        )
+        for p in ["hello world", "once upon a time", "to be or not"]
+    ]
     while engine.has_work():
         engine.step()
     assert states[0].output_ids == solo

@@ -48,8 +48,11 @@ def test_chat_prompt_yields_sensible_text(default_model_path: Path) -> None:
     engine.start()
     try:
         tok = engine.engine.tokenizer
-        request = chat_request(tok, [{"role": "user", "content": "What is the capital of France?"}],
-                               SamplingParams(max_new_tokens=40, details=True))
+        request = chat_request(
+            tok,
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(max_new_tokens=40, details=True),
+        )
         final = asyncio.run(engine.generate_text(request))
     finally:
         engine.shutdown()
@@ -79,7 +82,7 @@ def test_greedy_matches_transformers_in_fp32(fp32_engine: AsyncEngine, default_m
     for q in QUESTIONS[:3]:
         request = chat_request(tok, [{"role": "user", "content": q}], SamplingParams(max_new_tokens=32))
         ids = tok(request.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        expected = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        expected = model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
         final = asyncio.run(fp32_engine.generate_text(request))
         assert final.details is not None
         assert [t.id for t in final.details.tokens] == expected

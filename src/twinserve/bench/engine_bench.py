@@ -123,8 +123,9 @@ class _EngineSide:
     def batch(self, prompts: list[str]) -> tuple[int, float, list[float], list[float]]:
         async def main() -> tuple[float, list[tuple[int, float, list[float]]]]:
             start = time.perf_counter()
-            runs = await asyncio.gather(*[_timed_stream(self.engine, r)
-                                          for r in _requests(prompts, self.cfg.max_new_tokens)])
+            runs = await asyncio.gather(
+                *[_timed_stream(self.engine, r) for r in _requests(prompts, self.cfg.max_new_tokens)]
+            )
             return time.perf_counter() - start, runs
 
         wall, runs = asyncio.run(main())
@@ -132,7 +133,9 @@ class _EngineSide:
 
     def single(self, prompt: str) -> tuple[int, float, float, list[float]]:
         start = time.perf_counter()
-        n, ttft, gaps = asyncio.run(_timed_stream(self.engine, _requests([prompt], self.cfg.max_new_tokens)[0]))
+        n, ttft, gaps = asyncio.run(
+            _timed_stream(self.engine, _requests([prompt], self.cfg.max_new_tokens)[0])
+        )
         return n, time.perf_counter() - start, ttft, gaps
 
     def ttft(self, ids: list[int]) -> float:
@@ -151,8 +154,12 @@ class _BaselineSide:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
-        self.gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.max_new_tokens,
-                    "do_sample": False, "pad_token_id": self.tok.pad_token_id}
+        self.gen = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "min_new_tokens": cfg.max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": self.tok.pad_token_id,
+        }
         self._generate(["warm up"], max_new_tokens=2, min_new_tokens=2)
 
     def _generate(self, prompts: list[str], **overrides: Any) -> tuple[int, float]:
@@ -184,9 +191,14 @@ def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None
     """Engine first alone (its peak RSS), then engine and baseline interleaved so drift hits both."""
     torch.set_num_threads(cfg.threads)
     progress("loading the engine")
-    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, num_threads=cfg.threads,
-                              max_batch_size=max(64, cfg.concurrency),
-                              max_concurrent_requests=max(128, cfg.concurrency))
+    engine_cfg = EngineConfig(
+        model=cfg.model,
+        dtype=cfg.dtype,
+        quantize=cfg.quantize,
+        num_threads=cfg.threads,
+        max_batch_size=max(64, cfg.concurrency),
+        max_concurrent_requests=max(128, cfg.concurrency),
+    )
     async_engine = AsyncEngine(build_engine(engine_cfg))
     async_engine.start()
     try:
@@ -218,18 +230,32 @@ def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> En
         runs.append(eng.batch(prompts))
     tokens = sum(r[0] for r in runs)
     wall = sum(r[1] for r in runs)
-    w32 = WorkloadResult(name=name, system="twinserve", requests=len(prompts) * len(runs), output_tokens=tokens,
-                         seconds=wall, tokens_per_s=tokens / wall, ttft_ms_p50=_ms([t for r in runs for t in r[2]]),
-                         itl_ms_p50=_ms([g for r in runs for g in r[3]]))
+    w32 = WorkloadResult(
+        name=name,
+        system="twinserve",
+        requests=len(prompts) * len(runs),
+        output_tokens=tokens,
+        seconds=wall,
+        tokens_per_s=tokens / wall,
+        ttft_ms_p50=_ms([t for r in runs for t in r[2]]),
+        itl_ms_p50=_ms([g for r in runs for g in r[3]]),
+    )
     progress("W1, engine and transformers in turn")
     e1, b1 = [], []
     for p in singles:
         e1.append(eng.single(p))
         if base is not None:
             b1.append(base.single(p))
-    w1 = WorkloadResult(name="W1", system="twinserve", requests=len(e1), output_tokens=sum(r[0] for r in e1),
-                        seconds=sum(r[1] for r in e1), tokens_per_s=sum(r[0] for r in e1) / sum(r[1] for r in e1),
-                        ttft_ms_p50=_ms([r[2] for r in e1]), itl_ms_p50=_ms([g for r in e1 for g in r[3]]))
+    w1 = WorkloadResult(
+        name="W1",
+        system="twinserve",
+        requests=len(e1),
+        output_tokens=sum(r[0] for r in e1),
+        seconds=sum(r[1] for r in e1),
+        tokens_per_s=sum(r[0] for r in e1) / sum(r[1] for r in e1),
+        ttft_ms_p50=_ms([r[2] for r in e1]),
+        itl_ms_p50=_ms([g for r in e1 for g in r[3]]),
+    )
     progress(f"TTFT of a {cfg.ttft_prompt_tokens}-token prompt")
     ttfts, prefills = [], []
     for _ in range(3):
@@ -239,16 +265,34 @@ def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> En
     results = [w32, w1]
     ratios: dict[str, float] = {}
     if base is not None:
-        bw32 = WorkloadResult(name=name, system="hf-generate", requests=len(prompts), output_tokens=base_batch[0],
-                              seconds=base_batch[1], tokens_per_s=base_batch[0] / base_batch[1])
-        bw1 = WorkloadResult(name="W1", system="hf-generate", requests=len(b1), output_tokens=sum(r[0] for r in b1),
-                             seconds=sum(r[1] for r in b1), tokens_per_s=sum(r[0] for r in b1) / sum(r[1] for r in b1))
+        bw32 = WorkloadResult(
+            name=name,
+            system="hf-generate",
+            requests=len(prompts),
+            output_tokens=base_batch[0],
+            seconds=base_batch[1],
+            tokens_per_s=base_batch[0] / base_batch[1],
+        )
+        bw1 = WorkloadResult(
+            name="W1",
+            system="hf-generate",
+            requests=len(b1),
+            output_tokens=sum(r[0] for r in b1),
+            seconds=sum(r[1] for r in b1),
+            tokens_per_s=sum(r[0] for r in b1) / sum(r[1] for r in b1),
+        )
         results += [bw32, bw1]
         ratios = {
             f"{name}_throughput": w32.tokens_per_s / bw32.tokens_per_s,
             "W1_tokens_per_s": w1.tokens_per_s / bw1.tokens_per_s,
             "ttft_vs_prefill": _ms(ttfts) / _ms(prefills),
         }
-    return EngineBenchReport(config=cfg, dtype=str(dtype).removeprefix("torch."), results=results, ratios=ratios,
-                             peak_rss_mb_w32=rss.peak / 2**20, ttft_ms=_ms(ttfts),
-                             baseline_prefill_ms=_ms(prefills) if prefills else None)
+    return EngineBenchReport(
+        config=cfg,
+        dtype=str(dtype).removeprefix("torch."),
+        results=results,
+        ratios=ratios,
+        peak_rss_mb_w32=rss.peak / 2**20,
+        ttft_ms=_ms(ttfts),
+        baseline_prefill_ms=_ms(prefills) if prefills else None,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,9 +20,11 @@ TARGETS = {"W_throughput": 1.3, "W1_tokens_per_s": 2.0, "ttft_vs_prefill": 1.0}
 
 @app.command("engine")
 def engine_command(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the default model)."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the default model)."
+    ),
     dtype: str = typer.Option("auto", "--dtype"),
-    quantize: Optional[str] = typer.Option(None, "--quantize"),
+    quantize: str | None = typer.Option(None, "--quantize"),
     threads: int = typer.Option(2, "--threads", min=1),
     concurrency: int = typer.Option(32, "--concurrency", min=1),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=2),
@@ -36,11 +37,18 @@ def engine_command(
         from twinserve.registry.default_model import ensure_default_model
 
         model = ensure_default_model()
-    cfg = EngineBenchConfig.model_validate({
-        "model": str(model), "dtype": dtype, "quantize": quantize, "threads": threads,
-        "concurrency": concurrency, "max_new_tokens": max_new_tokens, "w1_requests": w1_requests,
-        "baseline": not no_baseline,
-    })
+    cfg = EngineBenchConfig.model_validate(
+        {
+            "model": str(model),
+            "dtype": dtype,
+            "quantize": quantize,
+            "threads": threads,
+            "concurrency": concurrency,
+            "max_new_tokens": max_new_tokens,
+            "w1_requests": w1_requests,
+            "baseline": not no_baseline,
+        }
+    )
     with err.status("benchmarking …") as status:
         report = run_engine_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
     if as_json:
@@ -55,17 +63,29 @@ def _print_report(report: EngineBenchReport) -> None:
         table.add_column(col, justify="right" if col not in ("workload", "system") else "left")
     for r in report.results:
         table.add_row(
-            r.name, r.system, str(r.requests), str(r.output_tokens), f"{r.seconds:.2f}", f"{r.tokens_per_s:.1f}",
+            r.name,
+            r.system,
+            str(r.requests),
+            str(r.output_tokens),
+            f"{r.seconds:.2f}",
+            f"{r.tokens_per_s:.1f}",
             "" if r.ttft_ms_p50 is None else f"{r.ttft_ms_p50:.0f}",
             "" if r.itl_ms_p50 is None else f"{r.itl_ms_p50:.1f}",
         )
     out.print(table)
     out.print(f"peak RSS during W{report.config.concurrency}: {report.peak_rss_mb_w32:.0f} MB")
-    out.print(f"TTFT, {report.config.ttft_prompt_tokens}-token prompt: {report.ttft_ms:.0f} ms"
-              + ("" if report.baseline_prefill_ms is None
-                 else f" (transformers prefill: {report.baseline_prefill_ms:.0f} ms)"))
+    out.print(
+        f"TTFT, {report.config.ttft_prompt_tokens}-token prompt: {report.ttft_ms:.0f} ms"
+        + (
+            ""
+            if report.baseline_prefill_ms is None
+            else f" (transformers prefill: {report.baseline_prefill_ms:.0f} ms)"
+        )
+    )
     for name, value in report.ratios.items():
         target = TARGETS.get("W_throughput" if name.endswith("_throughput") else name)
         better = value <= target if name == "ttft_vs_prefill" else value >= target  # type: ignore[operator]
         mark = "" if target is None else (" [green]meets[/green]" if better else " [red]misses[/red]")
-        out.print(f"{name}: {value:.2f}x (target {'≤' if name == 'ttft_vs_prefill' else '≥'} {target}x){mark}")
+        out.print(
+            f"{name}: {value:.2f}x (target {'≤' if name == 'ttft_vs_prefill' else '≥'} {target}x){mark}"
+        )

@@ -6,7 +6,6 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -25,14 +24,14 @@ def generate_command(
     prompt: str = typer.Argument(..., help="The prompt (or the user message with --chat)."),
     model: Path = typer.Option(..., "--model", "-m", help="Hugging Face layout folder (safetensors)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt with the model's chat template."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
+    system: str | None = typer.Option(None, "--system", help="System message (with --chat)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature."),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    seed: int | None = typer.Option(None, "--seed"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32"),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 | bitsandbytes | bitsandbytes-nf4"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8 | bitsandbytes | bitsandbytes-nf4"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
 ) -> None:
     """Generate a completion from a local model, streaming tokens as they are produced."""
     try:
@@ -41,7 +40,9 @@ def generate_command(
         )
         with err.status(f"loading {model} …"):
             engine = AsyncEngine(build_engine(config))
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}

@@ -9,6 +9,7 @@ task cancelled) aborts its request, which frees its slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -123,10 +124,9 @@ class AsyncEngine:
                 if sub is not None:
                     by_loop.setdefault(sub.loop, []).append((sub.queue, event))
         for loop, items in by_loop.items():
-            try:
+            # RuntimeError: that event loop is closed; its consumers are gone
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed; its consumers are gone
-                pass
 
     def _loop(self) -> None:
         try:

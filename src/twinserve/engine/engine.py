@@ -225,8 +225,12 @@ class Engine:
     def _prefill_tokens(self, state: RequestState, logprobs: list[float]) -> list[Token]:
         ids = state.prompt_ids
         return [
-            Token(id=t, text=self._token_text(t), logprob=None if j == 0 else logprobs[j - 1],
-                  special=t in self.special_ids)
+            Token(
+                id=t,
+                text=self._token_text(t),
+                logprob=None if j == 0 else logprobs[j - 1],
+                special=t in self.special_ids,
+            )
             for j, t in enumerate(ids)
         ]
 
@@ -322,4 +326,3 @@ class Engine:
         self._drain_inbox()
         states = list(self.scheduler.running) + list(self.scheduler.waiting)
         return [self._fail(s, error) for s in states]
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -39,15 +40,13 @@ def release_freed_memory() -> None:
     """
     gc.collect()
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # musl or another libc: nothing to trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # musl or another libc: nothing to trim
-            pass
 
 
 def warm_up(engine: Engine) -> None:
     """One short greedy generation, so kernels and allocators are initialised before serving."""
-    ids = [engine.eos_token_ids and min(engine.eos_token_ids) or 0] * 4
+    ids = [min(engine.eos_token_ids, default=0)] * 4
     state = engine.add_request(
         GenerateRequest(prompt_token_ids=ids, params=SamplingParams(max_new_tokens=2), request_id="warmup")
     )

@@ -82,7 +82,9 @@ class DynamicInt8Linear:
 class BitsAndBytesLinear:
     """bitsandbytes 8-bit (LLM.int8) or NF4 weights, configured like transformers' BitsAndBytesConfig."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, four_bit: bool, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, four_bit: bool, compute_dtype: torch.dtype
+    ) -> None:
         try:
             import bitsandbytes as bnb
         except ImportError as exc:  # pragma: no cover - depends on the [gpu] extra
@@ -94,16 +96,28 @@ class BitsAndBytesLinear:
         module: torch.nn.Module
         if four_bit:
             module = bnb.nn.Linear4bit(
-                in_features, out_features, bias=bias is not None,
-                compute_dtype=compute_dtype, quant_type="nf4", device="meta",
+                in_features,
+                out_features,
+                bias=bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device="meta",
             )
-            module.weight = bnb.nn.Params4bit(weight.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4")
+            module.weight = bnb.nn.Params4bit(
+                weight.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4"
+            )
         else:
             module = bnb.nn.Linear8bitLt(
-                in_features, out_features, bias=bias is not None,
-                has_fp16_weights=False, threshold=6.0, device="meta",
+                in_features,
+                out_features,
+                bias=bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
             )
-            module.weight = bnb.nn.Int8Params(weight.to(compute_dtype).cpu(), requires_grad=False, has_fp16_weights=False)
+            module.weight = bnb.nn.Int8Params(
+                weight.to(compute_dtype).cpu(), requires_grad=False, has_fp16_weights=False
+            )
         if bias is not None:
             module.bias = torch.nn.Parameter(bias.to(compute_dtype).cpu(), requires_grad=False)
         self.module = module.to(device)  # moving to the device is what quantizes

@@ -108,7 +108,7 @@ def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 weights[name] = f.get_tensor(name)
     return weights, digest.hexdigest()
 
@@ -144,10 +144,14 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     attention = resolve_attention(cfg.attention, device)
     weights, sha = read_weights(files)
-    model = LlamaModel(config, weights, dtype=dtype, device=device, quantize=cfg.quantize, attention=attention)
+    model = LlamaModel(
+        config, weights, dtype=dtype, device=device, quantize=cfg.quantize, attention=attention
+    )
     if weights:
         log.debug("unused weights: %s", sorted(weights)[:10])
-    log.info("loaded %s on %s as %s (quantize=%s, attention=%s)", path, device, dtype, cfg.quantize, attention)
+    log.info(
+        "loaded %s on %s as %s (quantize=%s, attention=%s)", path, device, dtype, cfg.quantize, attention
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

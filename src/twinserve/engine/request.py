@@ -20,7 +20,7 @@ MAX_TOP_N_TOKENS = 5
 MAX_STOP_SEQUENCES = 4
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a request stopped generating (TGI's names)."""
 
     LENGTH = "length"
@@ -74,16 +74,12 @@ class SamplingParams(BaseModel):
     frequency_penalty: float | None = Field(
         None, description="Subtract penalty × count of each generated token (-2 ≤ x ≤ 2)."
     )
-    seed: int | None = Field(
-        None, description="Random seed (≥ 0); same seed and params give the same text."
-    )
+    seed: int | None = Field(None, description="Random seed (≥ 0); same seed and params give the same text.")
     stop: list[str] = Field(
         default_factory=list, description=f"Stop sequences (at most {MAX_STOP_SEQUENCES})."
     )
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
-    truncate: int | None = Field(
-        None, description="Keep only the last `truncate` prompt tokens (> 0)."
-    )
+    truncate: int | None = Field(None, description="Keep only the last `truncate` prompt tokens (> 0).")
     details: bool = Field(False, description="Return finish reason, tokens and logprobs.")
     decoder_input_details: bool = Field(
         False, description="Also return the prompt tokens with their logprobs."
@@ -155,9 +151,7 @@ class SamplingParams(BaseModel):
     @classmethod
     def _stop_count(cls, v: list[str]) -> list[str]:
         if len(v) > MAX_STOP_SEQUENCES:
-            raise ValueError(
-                f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}"
-            )
+            raise ValueError(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}")
         if any(s == "" for s in v):
             raise ValueError("`stop` sequences must not be empty")
         return v

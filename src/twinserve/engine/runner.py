@@ -22,7 +22,7 @@ from twinserve.engine.state import RequestState
 
 @dataclass
 class RunnerOutput:
-    """Per row: the sampled token, its logprob, its top alternatives; prompt logprobs for prefill rows that asked."""
+    """Per row: sampled token, its logprob, top alternatives; prompt logprobs where asked (prefill)."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -127,7 +127,7 @@ class ModelRunner:
         logits = self.model.forward(batch, self.cache, torch.tensor(index, dtype=torch.long).to(dev))
         last_rows = [start + n - 1 for start, n in spans]
         prompt_logprobs: list[list[float] | None] = []
-        for r, (start, n) in zip(rows, spans):
+        for r, (start, n) in zip(rows, spans, strict=False):
             if not r.wants_prompt_logprobs:
                 prompt_logprobs.append(None)
                 continue

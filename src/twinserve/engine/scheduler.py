@@ -15,6 +15,7 @@ fake runner. Policy:
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,10 +72,8 @@ class Scheduler:
     def remove(self, state: RequestState) -> SlotMove | None:
         """Take a request out (finished or aborted); return the slot move that keeps slots compact."""
         if state.status is RequestStatus.WAITING or state.slot < 0:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(state)
-            except ValueError:
-                pass
             return None
         slot = state.slot
         last = self.running.pop()

@@ -63,7 +63,9 @@ def test_overload_and_validation_are_raised_at_once(async_engine: AsyncEngine) -
         with pytest.raises(OverloadedError):
             await asyncio.wait_for(_collect(async_engine, req(2)), timeout=5)
         with pytest.raises(ValidationError):
-            await _collect(async_engine, GenerateRequest(prompt="x", params=SamplingParams(max_new_tokens=999)))
+            await _collect(
+                async_engine, GenerateRequest(prompt="x", params=SamplingParams(max_new_tokens=999))
+            )
         for s in streams:
             await s.aclose()
 

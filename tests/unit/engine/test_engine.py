@@ -33,7 +33,7 @@ def run(engine: Engine, requests: list[GenerateRequest], join_every: int = 0) ->
             batch = pending if join_every == 0 else pending[:1]
             for r in batch:
                 engine.add_request(r)
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
         for e in engine.step():
             events.setdefault(e.request_id, []).append(e)
         step += 1
@@ -45,7 +45,7 @@ def hf_greedy(model_dir: Path, prompt: str, max_new: int) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_greedy_equals_transformers_generate_fp32(fixture: str, request: pytest.
 
 def test_stream_text_concatenates_to_generated_text(engine: Engine) -> None:
     events = run(engine, [greedy(p, f"r{i}", 40) for i, p in enumerate(PROMPTS)])
-    for rid, evs in events.items():
+    for _rid, evs in events.items():
         final = evs[-1]
         assert final.finished and final.generated_text is not None
         assert "".join(e.text for e in evs) == final.generated_text
@@ -95,8 +95,14 @@ def test_stop_sequence_across_tokens_is_never_leaked(engine: Engine) -> None:
     boundary = len(per_token[0]) + len(per_token[1]) + len(per_token[2])
     stop = text[boundary - 2 : boundary + 2]
     assert len(stop) == 4 and stop in text
-    events = run(engine, [GenerateRequest(prompt=PROMPTS[1], request_id="s",
-                                          params=SamplingParams(max_new_tokens=40, stop=[stop]))])["s"]
+    events = run(
+        engine,
+        [
+            GenerateRequest(
+                prompt=PROMPTS[1], request_id="s", params=SamplingParams(max_new_tokens=40, stop=[stop])
+            )
+        ],
+    )["s"]
     final = events[-1]
     assert final.finish_reason is FinishReason.STOP_SEQUENCE
     assert final.generated_text == text[: text.index(stop)]
@@ -110,14 +116,19 @@ def test_stop_sequence_across_tokens_is_never_leaked(engine: Engine) -> None:
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine: Engine) -> None:
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
     alone = run(engine, [GenerateRequest(prompt=PROMPTS[0], params=params, request_id="a")])["a"]
-    others = [GenerateRequest(prompt=p, request_id=f"o{i}",
-                              params=SamplingParams(max_new_tokens=20, do_sample=True))
-              for i, p in enumerate(PROMPTS)]
+    others = [
+        GenerateRequest(
+            prompt=p, request_id=f"o{i}", params=SamplingParams(max_new_tokens=20, do_sample=True)
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
     batch = run(engine, [*others, GenerateRequest(prompt=PROMPTS[0], params=params, request_id="b")])
     assert token_ids(alone) == token_ids(batch["b"])
     assert alone[-1].details is not None and alone[-1].details.seed == 1234
-    other_seed = run(engine, [GenerateRequest(prompt=PROMPTS[0], request_id="c",
-                                              params=params.model_copy(update={"seed": 99}))])["c"]
+    other_seed = run(
+        engine,
+        [GenerateRequest(prompt=PROMPTS[0], request_id="c", params=params.model_copy(update={"seed": 99}))],
+    )["c"]
     assert token_ids(other_seed) != token_ids(alone)
 
 
@@ -137,7 +148,7 @@ def test_details_prefill_and_top_tokens(engine: Engine, tiny_model_dir: Path) ->
     for j in range(1, len(prompt_ids)):
         assert details.prefill[j].logprob == pytest.approx(logp[j - 1, prompt_ids[j]].item(), abs=1e-4)
     assert details.tokens[0].logprob == pytest.approx(logp[-1].max().item(), abs=1e-4)
-    for tok_, top in zip(details.tokens, details.top_tokens):
+    for tok_, top in zip(details.tokens, details.top_tokens, strict=False):
         assert len(top) == 3
         assert top[0].id == tok_.id  # greedy: the chosen token is the most likely
         assert top[0].logprob >= top[1].logprob >= top[2].logprob
@@ -150,8 +161,11 @@ def test_limits_are_validation_errors(engine: Engine) -> None:
     with pytest.raises(ValidationError, match=r"`inputs` tokens \+ `max_new_tokens` must be <= 256"):
         engine.add_request(GenerateRequest(prompt="hello", params=SamplingParams(max_new_tokens=300)))
     # truncate keeps the last tokens, so the same prompt is accepted
-    state = engine.add_request(GenerateRequest(prompt=long_prompt, request_id="t",
-                                               params=SamplingParams(max_new_tokens=2, truncate=100)))
+    state = engine.add_request(
+        GenerateRequest(
+            prompt=long_prompt, request_id="t", params=SamplingParams(max_new_tokens=2, truncate=100)
+        )
+    )
     assert state.prompt_len == 100
     run(engine, [])
 
@@ -181,7 +195,14 @@ def test_cache_grows_and_compacts_under_churn_without_changing_results(engine: E
     """More requests than the first cache allocation holds, joining and leaving at different times."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(20)]
     lengths = [3 + (7 * i) % 20 for i in range(20)]
-    solo = {i: token_ids(run(engine, [greedy(p, "x", n)])["x"]) for i, (p, n) in enumerate(zip(prompts, lengths))}
-    churn = run(engine, [greedy(p, f"c{i}", n) for i, (p, n) in enumerate(zip(prompts, lengths))], join_every=1)
+    solo = {
+        i: token_ids(run(engine, [greedy(p, "x", n)])["x"])
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=False))
+    }
+    churn = run(
+        engine,
+        [greedy(p, f"c{i}", n) for i, (p, n) in enumerate(zip(prompts, lengths, strict=False))],
+        join_every=1,
+    )
     for i in range(20):
         assert token_ids(churn[f"c{i}"]) == solo[i]

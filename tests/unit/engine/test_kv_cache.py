@@ -6,7 +6,9 @@ from twinserve.engine.kv_cache import SlotKVCache
 
 
 def _cache() -> SlotKVCache:
-    return SlotKVCache(num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    return SlotKVCache(
+        num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def test_fit_keeps_live_slots_when_growing() -> None:

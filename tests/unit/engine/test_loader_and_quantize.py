@@ -69,8 +69,11 @@ def test_quantized_engines_generate(quantize: str, tiny_model_dir: Path) -> None
     if quantize.startswith("bitsandbytes"):
         pytest.importorskip("bitsandbytes")
     engine = build_engine(engine_config(tiny_model_dir, dtype="auto", quantize=quantize))
-    state = engine.add_request(GenerateRequest(prompt="hello world", params=SamplingParams(
-        max_new_tokens=6, ignore_eos=True, details=True)))
+    state = engine.add_request(
+        GenerateRequest(
+            prompt="hello world", params=SamplingParams(max_new_tokens=6, ignore_eos=True, details=True)
+        )
+    )
     events = []
     while engine.has_work():
         events += engine.step()

@@ -118,7 +118,10 @@ def test_prefill_budget_splits_newcomers_over_steps(tmp_path) -> None:
 def test_kv_budget_makes_requests_wait_not_truncate(tmp_path) -> None:
     # each request reserves 4 + 60 = 64 tokens; the budget holds two of them
     engine, runner = make_engine(
-        tmp_path, max_input_tokens=8, max_total_tokens=64, max_batch_total_tokens=128,
+        tmp_path,
+        max_input_tokens=8,
+        max_total_tokens=64,
+        max_batch_total_tokens=128,
         max_batch_prefill_tokens=64,
     )
     for i in range(3):

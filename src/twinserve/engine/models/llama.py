@@ -224,8 +224,13 @@ class LlamaModel:
         return self.lm_head(h.to(self.lm_dtype)).float()
 
     def _decode_attention(
-        self, batch: ForwardBatch, cache: SlotKVCache, layer: int,
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self,
+        batch: ForwardBatch,
+        cache: SlotKVCache,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> torch.Tensor:
         s = self.shape
         k_cache, v_cache = cache.layer(layer)
@@ -246,8 +251,13 @@ class LlamaModel:
         return out.reshape(bsz, s.num_heads * s.head_dim)
 
     def _prefill_attention(
-        self, batch: ForwardBatch, cache: SlotKVCache, layer: int,
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self,
+        batch: ForwardBatch,
+        cache: SlotKVCache,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> torch.Tensor:
         s = self.shape
         n, width = batch.input_ids.shape
@@ -262,8 +272,11 @@ class LlamaModel:
             out = self._flash(q4, k4, v4, causal=True)
             return out.reshape(n * width, s.num_heads * s.head_dim)
         out = F.scaled_dot_product_attention(
-            q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
-            is_causal=True, enable_gqa=s.num_heads != s.num_kv_heads,
+            q4.transpose(1, 2),
+            k4.transpose(1, 2),
+            v4.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=s.num_heads != s.num_kv_heads,
         )
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
