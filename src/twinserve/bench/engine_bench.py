@@ -62,6 +62,20 @@ class WorkloadResult(BaseModel):
     ttft_ms_p50: float | None = None
     itl_ms_p50: float | None = None
 
+    @classmethod
+    def measured(
+        cls, name: str, system: str, requests: int, tokens: int, seconds: float, **latency: float
+    ) -> WorkloadResult:
+        return cls(
+            name=name,
+            system=system,
+            requests=requests,
+            output_tokens=tokens,
+            seconds=seconds,
+            tokens_per_s=tokens / seconds,
+            **latency,
+        )
+
 
 class EngineBenchReport(BaseModel):
     config: EngineBenchConfig
@@ -230,13 +244,12 @@ def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> En
         runs.append(eng.batch(prompts))
     tokens = sum(r[0] for r in runs)
     wall = sum(r[1] for r in runs)
-    w32 = WorkloadResult(
-        name=name,
-        system="twinserve",
-        requests=len(prompts) * len(runs),
-        output_tokens=tokens,
-        seconds=wall,
-        tokens_per_s=tokens / wall,
+    w32 = WorkloadResult.measured(
+        name,
+        "twinserve",
+        len(prompts) * len(runs),
+        tokens,
+        wall,
         ttft_ms_p50=_ms([t for r in runs for t in r[2]]),
         itl_ms_p50=_ms([g for r in runs for g in r[3]]),
     )
@@ -246,13 +259,12 @@ def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> En
         e1.append(eng.single(p))
         if base is not None:
             b1.append(base.single(p))
-    w1 = WorkloadResult(
-        name="W1",
-        system="twinserve",
-        requests=len(e1),
-        output_tokens=sum(r[0] for r in e1),
-        seconds=sum(r[1] for r in e1),
-        tokens_per_s=sum(r[0] for r in e1) / sum(r[1] for r in e1),
+    w1 = WorkloadResult.measured(
+        "W1",
+        "twinserve",
+        len(e1),
+        sum(r[0] for r in e1),
+        sum(r[1] for r in e1),
         ttft_ms_p50=_ms([r[2] for r in e1]),
         itl_ms_p50=_ms([g for r in e1 for g in r[3]]),
     )
@@ -265,21 +277,9 @@ def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> En
     results = [w32, w1]
     ratios: dict[str, float] = {}
     if base is not None:
-        bw32 = WorkloadResult(
-            name=name,
-            system="hf-generate",
-            requests=len(prompts),
-            output_tokens=base_batch[0],
-            seconds=base_batch[1],
-            tokens_per_s=base_batch[0] / base_batch[1],
-        )
-        bw1 = WorkloadResult(
-            name="W1",
-            system="hf-generate",
-            requests=len(b1),
-            output_tokens=sum(r[0] for r in b1),
-            seconds=sum(r[1] for r in b1),
-            tokens_per_s=sum(r[0] for r in b1) / sum(r[1] for r in b1),
+        bw32 = WorkloadResult.measured(name, "hf-generate", len(prompts), base_batch[0], base_batch[1])
+        bw1 = WorkloadResult.measured(
+            "W1", "hf-generate", len(b1), sum(r[0] for r in b1), sum(r[1] for r in b1)
         )
         results += [bw32, bw1]
         ratios = {
