@@ -33,6 +33,24 @@ REPLACEMENT_CHAR = "\ufffd"
 PROMPT_WINDOW = 5
 
 
+class TokenTexts:
+    """Text and specialness of single tokens (`Token.text`, `Token.special`), for a whole engine."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._backend = _rust_backend(tokenizer)
+        self.special_ids = _special_ids(tokenizer)
+
+    def text(self, token_id: int) -> str:
+        """Text of one token on its own, special tokens kept."""
+        if self._backend is not None:
+            return self._backend.decode([token_id], skip_special_tokens=False)
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.special_ids
+
+
 class IncrementalDetokenizer:
     """Per-request text state: feed token ids, get the newly visible text."""
 
@@ -43,17 +61,12 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._tokenizer = tokenizer
-        # The Rust tokenizer decodes ~3x faster than the HF wrapper and never applies
-        # `clean_up_tokenization_spaces`, which rewrites text non-locally (" ." → ".").
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self._backend: tokenizers.Tokenizer | None = (
-            backend if isinstance(backend, tokenizers.Tokenizer) else None
-        )
+        self._backend = _rust_backend(tokenizer)
+        self._texts = TokenTexts(tokenizer)
         self._skip_special = skip_special_tokens
         # Dropping skipped special ids up front equals decode(..., skip_special_tokens=True)
         # and keeps them from growing the window.
-        self._all_special_ids = _special_ids(tokenizer)
-        self._special_ids = self._all_special_ids if skip_special_tokens else frozenset()
+        self._special_ids = self._texts.special_ids if skip_special_tokens else frozenset()
         self._ids: list[int] = list(prompt_token_ids[-PROMPT_WINDOW:])
         self._ids = [i for i in self._ids if i not in self._special_ids]
         self._prefix_offset = 0
@@ -108,13 +121,11 @@ class IncrementalDetokenizer:
 
     def token_text(self, token_id: int) -> str:
         """Text of one token on its own, special tokens kept (for `Token.text`)."""
-        if self._backend is not None:
-            return self._backend.decode([token_id], skip_special_tokens=False)
-        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+        return self._texts.text(token_id)
 
     def is_special(self, token_id: int) -> bool:
         """Whether the tokenizer marks this id special (for `Token.special`)."""
-        return token_id in self._all_special_ids
+        return self._texts.is_special(token_id)
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
@@ -130,9 +141,19 @@ class IncrementalDetokenizer:
         )
 
 
+def _rust_backend(tokenizer: Any) -> tokenizers.Tokenizer | None:
+    """The Rust tokenizer behind a fast HF tokenizer.
+
+    It decodes ~3x faster than the HF wrapper and never applies
+    `clean_up_tokenization_spaces`, which rewrites text non-locally (" ." → ".").
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return backend if isinstance(backend, tokenizers.Tokenizer) else None
+
+
 def _special_ids(tokenizer: Any) -> frozenset[int]:
     """Ids that `decode(..., skip_special_tokens=True)` drops."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if isinstance(backend, tokenizers.Tokenizer):
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
         return frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
     return frozenset(getattr(tokenizer, "all_special_ids", ()))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twinserve.config import EngineConfig
-from twinserve.engine.detokenizer import IncrementalDetokenizer
+from twinserve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from twinserve.engine.request import (
     GenerateRequest,
     GenerationDetails,
@@ -57,7 +57,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+        self.token_texts = TokenTexts(tokenizer)
         self.scheduler = Scheduler(config)
         self._inbox: queue.SimpleQueue[RequestState] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -223,30 +223,20 @@ class Engine:
         return [self._append_token(state, out, i) for i, state in enumerate(rows)]
 
     def _prefill_tokens(self, state: RequestState, logprobs: list[float]) -> list[Token]:
-        ids = state.prompt_ids
-        return [
-            Token(
-                id=t,
-                text=self._token_text(t),
-                logprob=None if j == 0 else logprobs[j - 1],
-                special=t in self.special_ids,
-            )
-            for j, t in enumerate(ids)
-        ]
+        return [self._token(t, None if j == 0 else logprobs[j - 1]) for j, t in enumerate(state.prompt_ids)]
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _token(self, token_id: int, logprob: float | None) -> Token:
+        texts = self.token_texts
+        return Token(
+            id=token_id, text=texts.text(token_id), logprob=logprob, special=texts.is_special(token_id)
+        )
 
     def _append_token(self, state: RequestState, out: RunnerOutput, i: int) -> TokenEvent:
         tid = out.token_ids[i]
         state.output_ids.append(tid)
         state.sampling.append(tid)
-        special = tid in self.special_ids
-        token = Token(id=tid, text=self._token_text(tid), logprob=out.logprobs[i], special=special)
-        top = [
-            Token(id=t, text=self._token_text(t), logprob=lp, special=t in self.special_ids)
-            for t, lp in out.top_tokens[i]
-        ]
+        token = self._token(tid, out.logprobs[i])
+        top = [self._token(t, lp) for t, lp in out.top_tokens[i]]
         state.tokens.append(token)
         state.top_tokens.append(top)
         assert state.detokenizer is not None

@@ -211,13 +211,10 @@ class LlamaModel:
             x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate, inplace=True).mul_(up))
-        if logits_index is None:
-            if batch.is_prefill:
-                assert batch.lengths is not None
-                width = ids.shape[1]
-                logits_index = torch.arange(ids.shape[0], device=ids.device) * width + batch.lengths - 1
-            else:
-                logits_index = None
+        if logits_index is None and batch.is_prefill:
+            assert batch.lengths is not None
+            width = ids.shape[1]
+            logits_index = torch.arange(ids.shape[0], device=ids.device) * width + batch.lengths - 1
         if logits_index is not None:
             h = h[logits_index]
         h = _rms_norm(h, self.norm, s.rms_norm_eps)
