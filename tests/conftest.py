@@ -62,3 +62,11 @@ def default_model_path(_twinserve_home: None) -> Path:
     from twinserve.registry.default_model import ensure_default_model
 
     return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (fp32 safetensors) with a byte-level BPE tokenizer."""
+    from tests.factories import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))

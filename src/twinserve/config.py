@@ -1,7 +1,10 @@
-"""Configuration: where twinserve keeps its files, and how an engine is sized.
+"""Configuration: where twinserve keeps its files, how an engine is sized, how a server runs.
 
 `Settings` reads the environment (`TWINSERVE_*`); `EngineConfig` is the engine's
-own validated config, with TGI's limit names so a TGI deployment config maps 1:1.
+own validated config, with TGI's limit names so a TGI deployment config maps 1:1;
+`ServeConfig` is what `twinserve serve` runs with, read from CLI flags and from the
+environment under TGI's and SageMaker's names (`HF_MODEL_ID`, `MAX_INPUT_LENGTH`, ...),
+so a container config written for TGI starts twinserve unchanged.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -73,3 +76,151 @@ class EngineConfig(BaseModel):
         if self.max_batch_prefill_tokens < self.max_input_tokens:
             raise ValueError("max_batch_prefill_tokens must be >= max_input_tokens")
         return self
+
+
+def _env(*names: str) -> AliasChoices:
+    """Field aliases: the `TWINSERVE_*` name first, then the TGI / SageMaker names."""
+    return AliasChoices(*names)
+
+
+class ServeConfig(BaseSettings):
+    """Everything `twinserve serve` needs; each field also reads TGI's environment names.
+
+    Precedence: CLI flag > `TWINSERVE_<NAME>` > the TGI/SageMaker name > default.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, case_sensitive=False)
+
+    model: str = Field(
+        "default",
+        validation_alias=_env("TWINSERVE_MODEL", "HF_MODEL_ID", "MODEL_ID"),
+        description="Model folder, `hf://org/name@rev`, a Hub id, or `default` (SmolLM2-135M-Instruct).",
+    )
+    revision: str | None = Field(
+        None,
+        validation_alias=_env("TWINSERVE_REVISION", "HF_MODEL_REVISION", "REVISION"),
+        description="Hub revision (commit sha, tag or branch) when `model` is a Hub id.",
+    )
+    host: str | None = Field(
+        None,
+        validation_alias=_env("TWINSERVE_HOST"),
+        description="None = 0.0.0.0 inside a SageMaker container, else 127.0.0.1 (never all interfaces by accident).",
+    )
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        validation_alias=_env("TWINSERVE_PORT", "PORT"),
+        description="None = 8080 inside a SageMaker container (SM_* env present), else 3000 like TGI.",
+    )
+    dtype: Dtype = Field("auto", validation_alias=_env("TWINSERVE_DTYPE", "DTYPE"))
+    quantize: Quantize | None = Field(
+        None, validation_alias=_env("TWINSERVE_QUANTIZE", "HF_MODEL_QUANTIZE", "QUANTIZE")
+    )
+    num_shard: int = Field(
+        1,
+        ge=1,
+        validation_alias=_env("TWINSERVE_NUM_SHARD", "SM_NUM_GPUS", "NUM_SHARD"),
+        description="Devices to shard the model over (tensor parallelism); 1 on CPU.",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, validation_alias=_env("TWINSERVE_NUM_THREADS"), description="CPU threads."
+    )
+    max_input_tokens: int = Field(
+        1024,
+        ge=1,
+        validation_alias=_env("TWINSERVE_MAX_INPUT_TOKENS", "MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"
+        ),
+    )
+    max_total_tokens: int = Field(
+        2048,
+        ge=2,
+        validation_alias=_env("TWINSERVE_MAX_TOTAL_TOKENS", "MAX_TOTAL_TOKENS"),
+    )
+    max_batch_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=_env("TWINSERVE_MAX_BATCH_PREFILL_TOKENS", "MAX_BATCH_PREFILL_TOKENS"
+        ),
+        description="None = max(4096, max_input_tokens).",
+    )
+    max_batch_total_tokens: int | None = Field(
+        None,
+        ge=2,
+        validation_alias=_env("TWINSERVE_MAX_BATCH_TOTAL_TOKENS", "MAX_BATCH_TOTAL_TOKENS"
+        ),
+        description="None = max(32768, max_total_tokens).",
+    )
+    max_batch_size: int = Field(
+        64, ge=1, validation_alias=_env("TWINSERVE_MAX_BATCH_SIZE", "MAX_BATCH_SIZE")
+    )
+    max_concurrent_requests: int = Field(
+        128,
+        ge=1,
+        validation_alias=_env("TWINSERVE_MAX_CONCURRENT_REQUESTS", "MAX_CONCURRENT_REQUESTS"
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=_env("TWINSERVE_API_KEY", "API_KEY"),
+        description="Bearer key required on generation routes; health, info and metrics stay open.",
+    )
+    payload_limit: int = Field(
+        2_000_000,
+        ge=1,
+        validation_alias=_env("TWINSERVE_PAYLOAD_LIMIT", "PAYLOAD_LIMIT"),
+        description="Largest request body in bytes (TGI's default); larger gets 413.",
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("TWINSERVE_DRAIN_TIMEOUT_S"),
+        description="On SIGTERM, how long in-flight requests may take to finish before the exit.",
+    )
+    log_prompts: bool = Field(
+        False,
+        validation_alias=_env("TWINSERVE_LOG_PROMPTS"),
+        description="Put prompt and generated text in the logs (off: logs carry sizes and timings only).",
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", validation_alias=_env("TWINSERVE_LOG_FORMAT")
+    )
+    warmup: bool = Field(True, validation_alias=_env("TWINSERVE_WARMUP"))
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _empty_quantize(cls, v: object) -> object:
+        # TGI deployments often carry QUANTIZE="" for "none"
+        return None if v in ("", "none", "None") else v
+
+    def resolved_host(self) -> str:
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if in_sagemaker_container() else "127.0.0.1"
+
+    def resolved_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 8080 if in_sagemaker_container() else 3000
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine's config for the resolved local model folder."""
+        return EngineConfig(
+            model=model_path,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            num_threads=self.num_threads,
+            max_input_tokens=self.max_input_tokens,
+            max_total_tokens=self.max_total_tokens,
+            max_batch_prefill_tokens=self.max_batch_prefill_tokens or max(4096, self.max_input_tokens),
+            max_batch_total_tokens=self.max_batch_total_tokens or max(32768, self.max_total_tokens),
+            max_batch_size=self.max_batch_size,
+            max_concurrent_requests=self.max_concurrent_requests,
+        )
+
+
+def in_sagemaker_container() -> bool:
+    """SageMaker sets SM_* variables in every hosting container."""
+    import os
+
+    return any(k.startswith("SM_") for k in os.environ)

@@ -5,11 +5,16 @@ TwinserveError
 ├── ClientError               the caller can fix it; carries an HTTP status (4xx)
 │   ├── ValidationError       422  bad parameters, input over the limits
 │   ├── OverloadedError       429  queue or concurrency limit reached; retry later
-│   └── NotFoundError         404  unknown model, file or reference
+│   ├── NotFoundError         404  unknown model, file or reference
+│   ├── UnauthorizedError     401  missing or wrong API key
+│   └── PayloadTooLargeError  413  request body over the payload limit
 └── ServerError               twinserve or the model failed; not the caller's fault
     ├── ModelError            424  a forward pass (or the model's files) failed for this request
     ├── ModelLoadError        500  weights/config/tokenizer could not be loaded
-    └── EngineDeadError       503  the engine cannot continue; health reports it
+    ├── NotReadyError         503  the model is still loading, or the server is draining
+    ├── EngineDeadError       503  the engine cannot continue; health reports it
+    ├── UnreachableError      503  (client side) no connection to the server could be made
+    └── RequestTimeoutError   504  (client side) the server did not answer in time
 ```
 ModelError keeps TGI's 424 ("failed dependency") so clients written for TGI
 classify it the same way. Protocol layers translate these with one mapping
@@ -58,6 +63,20 @@ class NotFoundError(ClientError):
     error_type = "not_found"
 
 
+class UnauthorizedError(ClientError):
+    """The route needs an API key (`Authorization: Bearer …`) and none or a wrong one came."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class PayloadTooLargeError(ClientError):
+    """The request body is larger than the server accepts."""
+
+    status_code = 413
+    error_type = "payload_too_large"
+
+
 class ServerError(TwinserveError):
     """Something on the serving side failed."""
 
@@ -84,3 +103,24 @@ class EngineDeadError(ServerError):
 
     status_code = 503
     error_type = "unhealthy"
+
+
+class NotReadyError(ServerError):
+    """Not serving yet (model loading) or any more (draining); retry on another replica or later."""
+
+    status_code = 503
+    error_type = "unhealthy"
+
+
+class UnreachableError(ServerError):
+    """The client could not connect (refused, DNS, TLS); safe to retry, nothing was sent."""
+
+    status_code = 503
+    error_type = "unreachable"
+
+
+class RequestTimeoutError(ServerError):
+    """The client gave up waiting for the server."""
+
+    status_code = 504
+    error_type = "timeout"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from twinserve import __version__
-from twinserve.cli import bench, generate, model
+from twinserve.cli import bench, generate, model, serve
 
 app = typer.Typer(
     name="twinserve",
@@ -33,3 +33,4 @@ def _root(
 app.add_typer(model.app, name="model")
 app.command("generate")(generate.generate_command)
 app.add_typer(bench.app, name="bench")
+app.command("serve")(serve.serve_command)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[TokenEvent]
+    queue: asyncio.Queue[TokenEvent | None]
 
 
 class AsyncEngine:
@@ -70,10 +70,11 @@ class AsyncEngine:
         return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------- requests
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        """Stream the request's token events; raises its error (ModelError, ...) in the stream.
+    def submit(self, request: GenerateRequest) -> TokenStream:
+        """Admit a request now and return its event stream (call from the event loop).
 
-        Validation and overload errors are raised before the first event, at once.
+        Validation and overload errors are raised here, before any event, so a server can
+        answer 422/429 with a status code instead of inside an already-started stream.
         """
         if self.dead_reason is not None:
             raise EngineDeadError(f"engine is dead: {self.dead_reason}")
@@ -83,28 +84,27 @@ class AsyncEngine:
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         with self._subs_lock:
             self._subscribers[rid] = sub
-        finished = False
         try:
             self.engine.add_request(request)
-            if self.dead_reason is not None:  # died between the check above and the add
-                raise EngineDeadError(f"engine is dead: {self.dead_reason}")
-            self._wake.set()
-            while True:
-                event = await sub.queue.get()
-                if event.error is not None:
-                    finished = True
-                    raise event.error
-                if event.finished:
-                    finished = True
-                yield event
-                if finished:
-                    return
-        finally:
+        except BaseException:
             with self._subs_lock:
                 self._subscribers.pop(rid, None)
-            if not finished:
-                self.engine.abort_request(rid)
-                self._wake.set()
+            raise
+        stream = TokenStream(self, rid, sub.queue)
+        if self.dead_reason is not None:  # died between the check above and the add
+            stream.close()
+            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+        self._wake.set()
+        return stream
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's token events; raises its error (ModelError, ...) in the stream."""
+        stream = self.submit(request)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            stream.close()
 
     async def generate_text(self, request: GenerateRequest) -> TokenEvent:
         """Run to completion and return the final event (generated_text, details)."""
@@ -114,10 +114,17 @@ class AsyncEngine:
         assert last is not None and last.finished
         return last
 
+    def _release(self, request_id: str, *, abort: bool) -> None:
+        with self._subs_lock:
+            self._subscribers.pop(request_id, None)
+        if abort:
+            self.engine.abort_request(request_id)
+            self._wake.set()
+
     # ----------------------------------------------------------- the thread
     def _dispatch(self, events: list[TokenEvent]) -> None:
         """Called in the engine thread after each forward: route events to their queues."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]] = {}
         with self._subs_lock:
             for event in events:
                 sub = self._subscribers.get(event.request_id)
@@ -146,6 +153,47 @@ class AsyncEngine:
                 log.exception("failing in-flight requests after engine death")
 
 
-def _put_all(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]) -> None:
     for queue, event in items:
         queue.put_nowait(event)
+
+
+class TokenStream:
+    """The events of one admitted request; closing it before the end aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[TokenEvent | None]) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self.close()
+            raise
+        if event is None:  # closed (e.g. by a disconnect watcher) while a consumer waited
+            raise StopAsyncIteration
+        if event.error is not None:
+            self._finish()
+            raise event.error
+        if event.finished:
+            self._finish()
+        return event
+
+    def _finish(self) -> None:
+        self._done = True
+        self._engine._release(self.request_id, abort=False)
+
+    def close(self) -> None:
+        """Stop listening; aborts the request if it has not finished (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._engine._release(self.request_id, abort=True)
+            self._queue.put_nowait(None)  # wakes a consumer waiting on an event that won't come

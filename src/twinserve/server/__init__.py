@@ -1,0 +1,1 @@
+"""The LLM microservice: the engine behind TGI, OpenAI and SageMaker routes."""

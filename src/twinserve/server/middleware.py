@@ -1,0 +1,113 @@
+"""Request context (an `x-request-id` in and out, one access-log line per request) and the
+payload limit. Pure ASGI (no BaseHTTPMiddleware) so streamed responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from twinserve.errors import PayloadTooLargeError
+from twinserve.server.errors import Wire, error_response
+
+log = logging.getLogger("twinserve.access")
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# probes that would drown the log at INFO
+_QUIET_PATHS = {"/health", "/ping", "/metrics"}
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _access_log(scope, state, request_id, status, time.monotonic() - started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if _VALID_ID.match(given):
+                return given
+            break
+    return uuid.uuid4().hex
+
+
+def _access_log(scope: Scope, state: dict[str, Any], request_id: str, status: int, seconds: float) -> None:
+    path = scope.get("path", "")
+    level = logging.DEBUG if path in _QUIET_PATHS and status < 500 else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": scope.get("method"),
+        "path": path,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 1),
+    }
+    generation = state.get("generation")
+    if generation is not None:
+        fields.update(generation.summary())
+        if "prompt" in state:  # only when the server runs with log_prompts
+            fields["prompt"] = state["prompt"]
+            if generation.final is not None:
+                fields["generated_text"] = generation.final.generated_text
+    log.log(level, "request", extra=fields)
+
+
+class PayloadLimitMiddleware:
+    """413 for bodies over `limit` bytes: at once from Content-Length, else while reading."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = PayloadTooLargeError(f"request body is larger than the payload limit ({self.limit} bytes)")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                wire: Wire = "openai" if scope.get("path", "").startswith("/v1/") else "tgi"
+                await error_response(error, wire)(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise error  # inside body parsing: the app's error handler answers 413
+            return message
+
+        await self.app(scope, counting_receive, send)

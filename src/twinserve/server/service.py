@@ -1,0 +1,206 @@
+"""The served model's lifecycle and the one way routes reach the engine.
+
+States: LOADING (the port is open, `/health` says 503) → READY → DRAINING (SIGTERM:
+health turns 503 so balancers stop sending, in-flight work finishes) or FAILED (the
+model could not load, or the engine died). Loading runs in a thread so the server
+answers health checks from its first second, as SageMaker and Kubernetes expect.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from typing import Any
+
+from twinserve import __version__
+from twinserve.config import ServeConfig
+from twinserve.engine.async_engine import AsyncEngine
+from twinserve.engine.chat import render_chat
+from twinserve.engine.request import MAX_STOP_SEQUENCES, GenerateRequest
+from twinserve.errors import EngineDeadError, NotReadyError, TwinserveError, ValidationError
+from twinserve.registry.resolve import ResolvedModel, resolve_model
+from twinserve.server.generation import Generation
+from twinserve.server.metrics import EngineGauges, ServerMetrics
+from twinserve.server.protocol import tgi
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class ModelService:
+    """Owns the AsyncEngine: loads it, reports health and info, admits generations."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        engine: AsyncEngine | None = None,
+        resolved: ResolvedModel | None = None,
+        generation_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.resolved = resolved
+        self.state = ServiceState.READY if engine is not None else ServiceState.LOADING
+        self.failure: str | None = None
+        self._generation_defaults = dict(generation_defaults or {})
+        self.metrics = ServerMetrics(self._gauges)
+        self.started_at = time.time()
+        self._loader: threading.Thread | None = None
+        if engine is not None:
+            engine.start()
+
+    # ----------------------------------------------------------- lifecycle
+    def start_loading(self) -> None:
+        """Resolve and load the model in a background thread (no-op when already given one)."""
+        if self.engine is not None or self._loader is not None:
+            return
+        self._loader = threading.Thread(target=self._load, name="twinserve-loader", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self.state is ServiceState.READY
+
+    def _load(self) -> None:
+        cfg = self.config
+        try:
+            if cfg.num_shard > 1:
+                raise ValidationError(
+                    f"num_shard={cfg.num_shard} (SM_NUM_GPUS/NUM_SHARD): tensor parallelism is not "
+                    "supported by this engine yet; serve one replica per device instead"
+                )
+            log.info("resolving model", extra={"model": cfg.model, "revision": cfg.revision})
+            resolved = resolve_model(cfg.model, cfg.revision)
+            engine_config = cfg.engine_config(str(resolved.path))
+            from twinserve.engine.factory import build_engine
+
+            started = time.monotonic()
+            engine = AsyncEngine(build_engine(engine_config, warmup=cfg.warmup))
+            engine.start()
+            self.resolved, self.engine = resolved, engine
+            if self.state is ServiceState.LOADING:
+                self.state = ServiceState.READY
+            log.info(
+                "model ready",
+                extra={
+                    "model": resolved.model_id,
+                    "path": str(resolved.path),
+                    "revision": resolved.revision,
+                    "load_s": round(time.monotonic() - started, 2),
+                },
+            )
+        except Exception as exc:
+            message = exc.message if isinstance(exc, TwinserveError) else f"{type(exc).__name__}: {exc}"
+            self.failure = f"model failed to load: {message}"
+            self.state = ServiceState.FAILED
+            log.error(
+                "model failed to load",
+                extra={"reason": message},
+                exc_info=not isinstance(exc, TwinserveError),
+            )
+
+    def begin_drain(self) -> None:
+        """Stop admitting (health 503); requests already admitted run to the end."""
+        if self.state is not ServiceState.FAILED:
+            self.state = ServiceState.DRAINING
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # --------------------------------------------------------------- health
+    def health(self) -> tuple[bool, str, str | None]:
+        """(ready, state name, reason) — what `/health` and `/ping` report."""
+        if self.state is ServiceState.READY:
+            assert self.engine is not None
+            if self.engine.is_healthy:
+                return True, "ready", None
+            return False, "failed", f"engine is dead: {self.engine.dead_reason or 'engine thread stopped'}"
+        return False, self.state.value, self.failure
+
+    def ready_engine(self) -> AsyncEngine:
+        ok, state, reason = self.health()
+        if ok:
+            assert self.engine is not None
+            return self.engine
+        if state == "failed":
+            raise EngineDeadError(reason or "the model is not available")
+        raise NotReadyError(
+            "the model is still loading" if state == "loading" else "the server is shutting down"
+        )
+
+    # ------------------------------------------------------------ generation
+    @property
+    def tokenizer(self) -> Any:
+        return self.ready_engine().engine.tokenizer
+
+    def submit(self, request: GenerateRequest) -> Generation:
+        """Admit a request (422/429/503 raised here) and return its running generation."""
+        self.metrics.request_received()
+        try:
+            stream = self.ready_engine().submit(request)
+        except TwinserveError as exc:
+            self.metrics.request_failed(exc.error_type)
+            raise
+        return Generation(stream, request, self.metrics)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return render_chat(self.tokenizer, messages)
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """Parameters applied when a request leaves them unset (a model card's, once the
+        registry provides one); an empty dict keeps TGI's own defaults."""
+        return dict(self._generation_defaults)
+
+    @property
+    def compute_type(self) -> str:
+        """TGI's `x-compute-type` header: the device the answer was computed on."""
+        engine = self.engine
+        loaded = engine.engine.loaded if engine is not None else None
+        return loaded.device.type if loaded is not None else "cpu"
+
+    @property
+    def model_id(self) -> str:
+        if self.resolved is not None:
+            return self.resolved.model_id
+        return self.config.model
+
+    def _gauges(self) -> EngineGauges | None:
+        if self.engine is None:
+            return None
+        core = self.engine.engine
+        return EngineGauges(queue_size=core.num_waiting, batch_size=core.num_running)
+
+    def info(self) -> tgi.Info:
+        engine = self.ready_engine()
+        cfg = engine.config
+        loaded = engine.engine.loaded
+        assert self.resolved is not None
+        return tgi.Info(
+            model_id=self.model_id,
+            model_sha=self.resolved.revision,
+            model_dtype=str(loaded.dtype).removeprefix("torch.") if loaded else cfg.dtype,
+            model_device_type=loaded.device.type if loaded else "cpu",
+            max_concurrent_requests=cfg.max_concurrent_requests,
+            max_stop_sequences=MAX_STOP_SEQUENCES,
+            max_input_tokens=cfg.max_input_tokens,
+            max_total_tokens=cfg.max_total_tokens,
+            max_batch_prefill_tokens=cfg.max_batch_prefill_tokens,
+            max_batch_total_tokens=cfg.max_batch_total_tokens,
+            max_batch_size=cfg.max_batch_size,
+            quantize=cfg.quantize,
+            version=__version__,
+            model_path=str(self.resolved.path),
+            model_revision=self.resolved.revision,
+            weights_sha256=loaded.weights_sha256 if loaded else "",
+        )

@@ -1,0 +1,115 @@
+"""Real clients against a real `twinserve serve` process on the default model.
+
+The `openai` SDK, `huggingface_hub.InferenceClient` and the SageMaker body of the LLM Twin
+book must work unmodified; so must the book's TGI deployment environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import ProcessServer, process_server
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# TGI routes take the prompt as the client formats it (the book formats it too); SmolLM2 was
+# tuned on ChatML, and answers a bare question with EOS
+CHATML = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+BOOK_BODY = {
+    "inputs": CHATML,
+    "parameters": {
+        "max_new_tokens": 150,
+        "top_p": 0.9,
+        "temperature": 0.01,
+        "return_full_text": False,
+        "repetition_penalty": 1.1,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with process_server(["--model", str(default_model_path), "--api-key", "test-key"], log) as running:
+        yield running
+
+
+def test_openai_sdk_chat_and_stream(server: ProcessServer) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key", max_retries=0)
+    model = client.models.list().data[0].id
+    answer = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=30, temperature=0)
+    text = answer.choices[0].message.content
+    assert "Paris" in text and answer.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=30, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == text
+    completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5)
+    assert completion.choices[0].text
+
+
+def test_openai_sdk_sees_typed_errors(server: ProcessServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="test-key", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError, match="`n`"):
+        client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, n=2)
+
+
+def test_huggingface_inference_client_text_generation(server: ProcessServer) -> None:
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=server.url, token="test-key")
+    out = client.text_generation(CHATML, max_new_tokens=20, details=True)
+    assert out.generated_text and out.details.finish_reason in ("length", "eos_token")
+    assert out.details.generated_tokens == len(out.details.tokens)
+    events = list(
+        client.text_generation(CHATML, max_new_tokens=20, stream=True, details=True)
+    )
+    assert events[-1].generated_text == "".join(e.token.text for e in events)
+    assert events[-1].details.generated_tokens == len(events)
+    assert events[-1].generated_text == out.generated_text
+
+
+def test_sagemaker_invocations_with_the_book_body(server: ProcessServer) -> None:
+    r = httpx.post(
+        f"{server.url}/invocations", json=BOOK_BODY, headers={"authorization": "Bearer test-key"}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    answer = r.json()[0]["generated_text"]
+    assert "Paris" in answer and not answer.startswith(BOOK_BODY["inputs"])
+    assert httpx.get(f"{server.url}/ping").status_code == 200
+
+
+def test_the_book_tgi_environment_starts_the_server(default_model_path: Path, tmp_path: Path) -> None:
+    # the LLM Twin deployment config, with the model id pointing at the local default model
+    env = {
+        "HF_MODEL_ID": str(default_model_path),
+        "SM_NUM_GPUS": "1",
+        "MAX_INPUT_LENGTH": "2048",
+        "MAX_TOTAL_TOKENS": "4096",
+        "MAX_BATCH_TOTAL_TOKENS": "4096",
+        "HF_MODEL_QUANTIZE": "bitsandbytes",
+    }
+    with process_server(["--host", "127.0.0.1"], tmp_path / "serve.log", env=env) as server:
+        info = httpx.get(f"{server.url}/info").json()
+        assert info["quantize"] == "bitsandbytes"
+        assert (info["max_input_tokens"], info["max_total_tokens"], info["max_batch_total_tokens"]) == (
+            2048,
+            4096,
+            4096,
+        )
+        body = {**BOOK_BODY, "parameters": {**BOOK_BODY["parameters"], "max_new_tokens": 20}}
+        r = httpx.post(f"{server.url}/invocations", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()[0]["generated_text"]

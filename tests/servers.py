@@ -1,0 +1,118 @@
+"""Real servers for tests: uvicorn on 127.0.0.1 in a thread, or `twinserve serve` in a process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from twinserve.config import ServeConfig
+from twinserve.server.app import create_app
+from twinserve.server.service import ModelService
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_config(model: Path | str, **overrides: Any) -> ServeConfig:
+    """Small limits and fp32 (like tests.factories.engine_config), on a free local port."""
+    values: dict[str, Any] = {
+        "model": str(model),
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "dtype": "float32",
+        "max_input_tokens": 128,
+        "max_total_tokens": 256,
+        "max_batch_prefill_tokens": 512,
+        "max_batch_total_tokens": 4096,
+        "max_batch_size": 16,
+        "max_concurrent_requests": 32,
+        "log_format": "text",
+    }
+    values.update(overrides)
+    return ServeConfig(**values)
+
+
+@dataclass
+class ThreadServer:
+    url: str
+    service: ModelService
+    config: ServeConfig
+
+
+@contextlib.contextmanager
+def thread_server(config: ServeConfig, timeout: float = 120.0) -> Iterator[ThreadServer]:
+    """Serve `config` with uvicorn in a background thread; waits until /health is 200."""
+    service = ModelService(config)
+    app = create_app(config, service)
+    uv = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=config.resolved_port(), log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=uv.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.resolved_port()}"
+    try:
+        wait_healthy(url, timeout)
+        yield ThreadServer(url, service, config)
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
+def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+@dataclass
+class ProcessServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def process_server(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, timeout: float = 180.0, wait: bool = True
+) -> Iterator[ProcessServer]:
+    """`twinserve serve ARGS` as a real process on 127.0.0.1; killed (group) at the end."""
+    port = free_port()
+    full_env = {**os.environ, "TWINSERVE_LOG_FORMAT": "json", **(env or {})}
+    cmd = [sys.executable, "-c", "from twinserve.cli.main import app; app()", "serve", "--port", str(port), *args]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = ProcessServer(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        if wait:
+            wait_healthy(server.url, timeout, proc)
+        yield server
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

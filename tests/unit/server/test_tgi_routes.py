@@ -1,0 +1,142 @@
+"""TGI routes: bodies, SSE events, headers and validation errors of /generate and friends."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.unit.server.conftest import sse_payloads
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = "the quick brown fox"
+
+
+async def test_generate_returns_text_details_and_tgi_headers(
+    client: httpx.AsyncClient, app_and_service
+) -> None:
+    tokenizer = app_and_service[1].tokenizer
+    r = await client.post(
+        "/generate",
+        json={
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 6, "details": True, "decoder_input_details": True},
+        },
+        headers={"x-request-id": "abc-123"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    details = body["details"]
+    assert details["finish_reason"] in ("length", "eos_token")
+    assert details["generated_tokens"] == len(details["tokens"]) <= 6
+    ids = [t["id"] for t in details["tokens"]]
+    assert body["generated_text"] == tokenizer.decode(ids, skip_special_tokens=True)
+    prompt_tokens = int(r.headers["x-prompt-tokens"])
+    assert len(details["prefill"]) == prompt_tokens and details["prefill"][0]["logprob"] is None
+    assert r.headers["x-request-id"] == "abc-123"
+    assert int(r.headers["x-generated-tokens"]) == details["generated_tokens"]
+    for name in ("x-compute-time", "x-queue-time", "x-inference-time", "x-time-per-token", "x-compute-type"):
+        assert name in r.headers
+
+
+async def test_generate_without_details_has_text_only(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
+    assert r.status_code == 200
+    assert set(r.json()) == {"generated_text"}
+
+
+async def test_stream_sends_one_event_per_token_and_the_text_at_the_end(client: httpx.AsyncClient) -> None:
+    params = {"max_new_tokens": 8, "details": True, "top_n_tokens": 2, "ignore_eos": True}
+    r = await client.post("/generate_stream", json={"inputs": PROMPT, "parameters": params})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_payloads(r.text)
+    assert [e["index"] for e in events] == list(range(1, 9))
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert last["details"]["generated_tokens"] == 8 and last["details"]["finish_reason"] == "length"
+    assert last["details"]["input_length"] > 0
+    assert all(len(e["top_tokens"]) == 2 for e in events)
+
+
+async def test_stream_equals_unary_for_greedy(client: httpx.AsyncClient) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 10}}
+    unary = (await client.post("/generate", json=body)).json()["generated_text"]
+    streamed = sse_payloads((await client.post("/generate_stream", json=body)).text)[-1]["generated_text"]
+    assert streamed == unary
+
+
+async def test_compat_route_returns_a_list_or_a_stream(client: httpx.AsyncClient) -> None:
+    r = await client.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}})
+    assert r.status_code == 200 and isinstance(r.json(), list) and "generated_text" in r.json()[0]
+    r = await client.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert sse_payloads(r.text)[-1]["generated_text"] is not None
+
+
+async def test_seeded_sampling_repeats(client: httpx.AsyncClient) -> None:
+    params = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "seed": 7, "details": True}
+    a = (await client.post("/generate", json={"inputs": PROMPT, "parameters": params})).json()
+    b = (await client.post("/generate", json={"inputs": PROMPT, "parameters": params})).json()
+    assert a["generated_text"] == b["generated_text"] and a["details"]["seed"] == 7
+
+
+async def test_stop_sequence_is_not_returned(client: httpx.AsyncClient) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "ignore_eos": True}}
+    full = (await client.post("/generate", json=body)).json()["generated_text"]
+    assert len(full) >= 6
+    stop = full[3:6]
+    body["parameters"]["stop"] = [stop]
+    body["parameters"]["details"] = True
+    r = (await client.post("/generate", json=body)).json()
+    assert r["generated_text"] == full[: full.index(stop)]
+    assert r["details"]["finish_reason"] == "stop_sequence"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fragment"),
+    [
+        ({"top_p": 1.5}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"temperature": 0}, "`temperature` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"max_new_tokens": 10_000}, "must be <= 256"),
+        ({"best_of": 2}, "`best_of`"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4 stop sequences"),
+        ({"no_such_param": 1}, "no_such_param"),
+        ({"max_new_tokens": "many"}, "max_new_tokens"),
+    ],
+)
+async def test_bad_parameters_get_422_with_a_tgi_error(
+    client: httpx.AsyncClient, parameters: dict, fragment: str
+) -> None:
+    r = await client.post("/generate", json={"inputs": PROMPT, "parameters": parameters})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error_type"] == "validation" and fragment in body["error"]
+
+
+async def test_too_long_input_and_empty_input_are_rejected(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", json={"inputs": "fox " * 400, "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 422 and "must have less than 128 tokens" in r.json()["error"]
+    r = await client.post("/generate", json={"inputs": "", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 422 and "cannot be empty" in r.json()["error"]
+    r = await client.post("/generate", json={"parameters": {}})
+    assert r.status_code == 422 and "inputs" in r.json()["error"]
+    r = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+async def test_truncate_keeps_the_last_tokens(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/generate", json={"inputs": "fox " * 400, "parameters": {"max_new_tokens": 2, "truncate": 50}}
+    )
+    assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "50"
+
+
+async def test_tokenize_matches_the_tokenizer(client: httpx.AsyncClient, app_and_service) -> None:
+    _, service = app_and_service
+    r = await client.post("/tokenize", json={"inputs": PROMPT})
+    assert r.status_code == 200
+    tokens = r.json()
+    assert [t["id"] for t in tokens] == service.tokenizer(PROMPT)["input_ids"]
+    assert "".join(t["text"] for t in tokens) == PROMPT
