@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from twinserve.config import EngineConfig
+from twinserve.config import CPU_PREFILL_STEP_TOKENS, EngineConfig
 from twinserve.engine.engine import Engine
 from twinserve.engine.loader import load_model
 from twinserve.engine.request import GenerateRequest, SamplingParams
@@ -24,6 +24,9 @@ def build_engine(config: EngineConfig, *, warmup: bool = True) -> Engine:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     loaded = load_model(config)
+    if config.prefill_step_tokens is None:
+        step = CPU_PREFILL_STEP_TOKENS if loaded.device.type == "cpu" else config.max_batch_prefill_tokens
+        config = config.model_copy(update={"prefill_step_tokens": step})
     engine = Engine(config, ModelRunner(loaded, config), loaded.tokenizer, loaded.eos_token_ids)
     engine.loaded = loaded
     if warmup:

@@ -4,8 +4,9 @@ Pure bookkeeping over `RequestState`s — no tensors, no model — so it is test
 fake runner. Policy:
 - FIFO admission, never skipping the head of the queue (no starvation);
 - newcomers are prefilled together while the padded prefill (rows × longest prompt)
-  stays within `max_batch_prefill_tokens`, so running streams stall for at most one
-  bounded prefill per step;
+  stays within `max_batch_prefill_tokens` and the softer `prefill_step_tokens` (a lone
+  prompt always goes), so running streams stall for at most one bounded prefill per step
+  and the head of a burst gets its first token without waiting for the whole burst;
 - a request is admitted only if the KV cache, sized for every running request's
   reserved tokens (prompt + max_new_tokens), stays within `max_batch_total_tokens`;
   one that does not fit waits, it is never truncated;
@@ -90,6 +91,9 @@ class Scheduler:
         out = SchedulerOutput(decode=list(self.running))
         cfg = self.config
         capacity = max((r.reserved_tokens for r in self.running), default=0)
+        prefill_budget = min(
+            cfg.prefill_step_tokens or cfg.max_batch_prefill_tokens, cfg.max_batch_prefill_tokens
+        )
         width = 0
         while self.waiting:
             head = self.waiting[0]
@@ -97,7 +101,7 @@ class Scheduler:
             if n_rows > cfg.max_batch_size:
                 break
             new_width = max(width, head.prompt_len)
-            if out.prefill and (len(out.prefill) + 1) * new_width > cfg.max_batch_prefill_tokens:
+            if out.prefill and (len(out.prefill) + 1) * new_width > prefill_budget:
                 break
             new_capacity = max(capacity, head.reserved_tokens)
             if self.cache_plan(n_rows, new_capacity) is None:

@@ -9,8 +9,8 @@ from fastapi import Request
 from twinserve.errors import UnauthorizedError
 
 
-def check_api_key(request: Request) -> None:
-    """FastAPI dependency; a no-op when the server has no key."""
+async def check_api_key(request: Request) -> None:
+    """FastAPI dependency; a no-op when the server has no key (async: no threadpool hop)."""
     key = request.app.state.api_key
     if key is None:
         return

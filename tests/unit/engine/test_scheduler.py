@@ -115,6 +115,21 @@ def test_prefill_budget_splits_newcomers_over_steps(tmp_path) -> None:
     assert runner.calls[-1] == (True, ["r2", "r3"], [2, 3])
 
 
+def test_prefill_step_target_splits_a_burst_but_lets_a_long_prompt_through(tmp_path) -> None:
+    engine, runner = make_engine(
+        tmp_path, max_input_tokens=64, max_batch_prefill_tokens=256, prefill_step_tokens=24
+    )
+    for i in range(4):
+        engine.add_request(req(f"r{i}", n_prompt=8, max_new=10))
+    engine.add_request(req("long", n_prompt=40, max_new=10))
+    prefills = []
+    for _ in range(4):
+        engine.step()
+        prefills += [c[1] for c in runner.calls if c[0] and c[1] not in prefills]
+    # 3 × 8 = 24 tokens per pass; the 40-token prompt is over the soft target and goes alone
+    assert prefills == [["r0", "r1", "r2"], ["r3"], ["long"]]
+
+
 def test_kv_budget_makes_requests_wait_not_truncate(tmp_path) -> None:
     # each request reserves 4 + 60 = 64 tokens; the budget holds two of them
     engine, runner = make_engine(

@@ -64,9 +64,12 @@ def test_a_queued_request_is_dropped_when_its_client_leaves(server: ThreadServer
     with httpx.stream("POST", f"{server.url}/generate_stream", json=LONG, timeout=30) as first:
         first_lines = first.iter_lines()  # kept: dropping the iterator would close the stream
         assert next(first_lines).startswith("data:")
-        with pytest.raises(httpx.ReadTimeout), httpx.stream(
-            "POST", f"{server.url}/generate_stream", json=LONG, timeout=httpx.Timeout(30, read=0.3)
-        ) as second:
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream(
+                "POST", f"{server.url}/generate_stream", json=LONG, timeout=httpx.Timeout(30, read=0.3)
+            ) as second,
+        ):
             next(second.iter_lines())
         core = server.service.engine.engine
         deadline = time.monotonic() + 10
