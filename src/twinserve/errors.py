@@ -109,7 +109,7 @@ class NotReadyError(ServerError):
     """Not serving yet (model loading) or any more (draining); retry on another replica or later."""
 
     status_code = 503
-    error_type = "unhealthy"
+    error_type = "not_ready"
 
 
 class UnreachableError(ServerError):

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from twinserve.bench.engine_bench import EngineBenchConfig, EngineBenchReport, run_engine_bench
+from twinserve.cli import bench_serve
 
-app = typer.Typer(help="Benchmarks: the engine against transformers, in one process.", no_args_is_help=True)
+if TYPE_CHECKING:  # the engine bench pulls in torch: imported when that command runs
+    from twinserve.bench.engine_bench import EngineBenchReport
+
+app = typer.Typer(
+    help="Benchmarks: the engine against transformers (engine), a running endpoint under load (serve).",
+    no_args_is_help=True,
+)
+app.command("serve")(bench_serve.serve_command)
 out = Console()
 err = Console(stderr=True)
 
@@ -37,6 +45,8 @@ def engine_command(
         from twinserve.registry.default_model import ensure_default_model
 
         model = ensure_default_model()
+    from twinserve.bench.engine_bench import EngineBenchConfig, run_engine_bench
+
     cfg = EngineBenchConfig.model_validate(
         {
             "model": str(model),

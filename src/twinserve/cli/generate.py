@@ -6,16 +6,17 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from twinserve.config import EngineConfig
-from twinserve.engine.async_engine import AsyncEngine
-from twinserve.engine.chat import chat_request
-from twinserve.engine.factory import build_engine
-from twinserve.engine.request import GenerateRequest, SamplingParams
 from twinserve.errors import TwinserveError
+
+if TYPE_CHECKING:
+    from twinserve.engine.async_engine import AsyncEngine
+    from twinserve.engine.request import GenerateRequest
 
 err = Console(stderr=True)
 
@@ -34,6 +35,12 @@ def generate_command(
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
 ) -> None:
     """Generate a completion from a local model, streaming tokens as they are produced."""
+    # the engine pulls in torch (~1 s): imported when this command runs, not for `--help`
+    from twinserve.engine.async_engine import AsyncEngine
+    from twinserve.engine.chat import chat_request
+    from twinserve.engine.factory import build_engine
+    from twinserve.engine.request import GenerateRequest, SamplingParams
+
     try:
         config = EngineConfig.model_validate(
             {"model": str(model), "dtype": dtype, "quantize": quantize, "num_threads": threads}

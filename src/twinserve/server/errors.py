@@ -24,6 +24,7 @@ _OPENAI_TYPES = {
     "payload_too_large": "invalid_request_error",
     "generation": "server_error",
     "unhealthy": "service_unavailable",
+    "not_ready": "service_unavailable",
 }
 
 

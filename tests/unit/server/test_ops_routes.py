@@ -25,7 +25,7 @@ async def test_health_is_503_while_loading_then_200(tiny_model_dir: Path) -> Non
             r = await http.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "loading"
             r = await http.post("/generate", json={"inputs": "hi"})
-            assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
+            assert r.status_code == 503 and r.json()["error_type"] == "not_ready"
             assert r.headers["retry-after"] == "1"
             service.start_loading()
             assert await asyncio.to_thread(service.wait_loaded, 120)

@@ -140,3 +140,20 @@ async def test_tokenize_matches_the_tokenizer(client: httpx.AsyncClient, app_and
     tokens = r.json()
     assert [t["id"] for t in tokens] == service.tokenizer(PROMPT)["input_ids"]
     assert "".join(t["text"] for t in tokens) == PROMPT
+
+
+@pytest.mark.parametrize(
+    ("inputs", "stop"),
+    [("world,", ["dQQ"]), ("world,", []), ("the quick brown fox", ["zzq"]), ("hello there", ["e"])],
+)
+async def test_tgi_clients_skipping_special_tokens_rebuild_the_text(
+    client: httpx.AsyncClient, inputs: str, stop: list[str]
+) -> None:
+    # TGI's client convention: text += token.text unless token.special. Text released at EOS
+    # (a partial stop string that never completed) must survive it.
+    params = {"max_new_tokens": 30, "stop": stop, "details": True}
+    events = sse_payloads(
+        (await client.post("/generate_stream", json={"inputs": inputs, "parameters": params})).text
+    )
+    rebuilt = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert rebuilt == events[-1]["generated_text"]

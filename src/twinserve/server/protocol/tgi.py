@@ -208,13 +208,17 @@ def generate_response(final: TokenEvent, params: SamplingParams) -> GenerateResp
 
 
 def stream_response(event: TokenEvent, index: int, params: SamplingParams) -> StreamResponse:
-    """One SSE payload. `token.text` is the visible delta, so joining them gives `generated_text`."""
+    """One SSE payload. `token.text` is the visible delta, so joining them gives `generated_text`.
+
+    TGI clients skip the text of `special` tokens; when the EOS event also releases held-back
+    text (a partial stop string that never completed), it is marked non-special so they keep it.
+    """
     token = event.token
-    token_model = (
-        token_out(token, event.text)
-        if token is not None
-        else TokenOut(id=-1, text=event.text, logprob=None, special=True)
-    )
+    if token is None:
+        token_model = TokenOut(id=-1, text=event.text, logprob=None, special=not event.text)
+    else:
+        token_model = token_out(token, event.text)
+        token_model.special = token.special and not event.text
     details = None
     if event.finished and event.details is not None and params.details:
         details = StreamDetails(
