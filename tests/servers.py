@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,13 +15,8 @@ import uvicorn
 
 from twinserve.config import ServeConfig
 from twinserve.server.app import create_app
+from twinserve.server.process import ServerProcess, free_port
 from twinserve.server.service import ModelService
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_config(model: Path | str, **overrides: Any) -> ServeConfig:
@@ -74,11 +64,9 @@ def thread_server(config: ServeConfig, timeout: float = 120.0) -> Iterator[Threa
         thread.join(30)
 
 
-def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -86,33 +74,19 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen[bytes] | None 
     raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
-@dataclass
-class ProcessServer:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @contextlib.contextmanager
 def process_server(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, timeout: float = 180.0, wait: bool = True
-) -> Iterator[ProcessServer]:
-    """`twinserve serve ARGS` as a real process on 127.0.0.1; killed (group) at the end."""
-    port = free_port()
-    full_env = {**os.environ, "TWINSERVE_LOG_FORMAT": "json", **(env or {})}
-    cmd = [sys.executable, "-c", "from twinserve.cli.main import app; app()", "serve", "--port", str(port), *args]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    server = ProcessServer(f"http://127.0.0.1:{port}", proc, log_path)
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    wait: bool = True,
+) -> Iterator[ServerProcess]:
+    """`twinserve serve ARGS` as a real process on 127.0.0.1 (JSON logs); killed at the end."""
+    server = ServerProcess(args, env={"TWINSERVE_LOG_FORMAT": "json", **(env or {})}, log_path=log_path)
     try:
         if wait:
-            wait_healthy(server.url, timeout, proc)
+            server.wait_healthy(timeout)
         yield server
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        server.kill()

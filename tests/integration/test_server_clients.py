@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ProcessServer, process_server
+from tests.servers import process_server
+from twinserve.server.process import ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +34,13 @@ BOOK_BODY = {
 
 
 @pytest.fixture(scope="module")
-def server(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+def server(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with process_server(["--model", str(default_model_path), "--api-key", "test-key"], log) as running:
         yield running
 
 
-def test_openai_sdk_chat_and_stream(server: ProcessServer) -> None:
+def test_openai_sdk_chat_and_stream(server: ServerProcess) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key", max_retries=0)
@@ -56,7 +57,7 @@ def test_openai_sdk_chat_and_stream(server: ProcessServer) -> None:
     assert completion.choices[0].text
 
 
-def test_openai_sdk_sees_typed_errors(server: ProcessServer) -> None:
+def test_openai_sdk_sees_typed_errors(server: ServerProcess) -> None:
     import openai
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
@@ -67,22 +68,20 @@ def test_openai_sdk_sees_typed_errors(server: ProcessServer) -> None:
         client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, n=2)
 
 
-def test_huggingface_inference_client_text_generation(server: ProcessServer) -> None:
+def test_huggingface_inference_client_text_generation(server: ServerProcess) -> None:
     from huggingface_hub import InferenceClient
 
     client = InferenceClient(model=server.url, token="test-key")
     out = client.text_generation(CHATML, max_new_tokens=20, details=True)
     assert out.generated_text and out.details.finish_reason in ("length", "eos_token")
     assert out.details.generated_tokens == len(out.details.tokens)
-    events = list(
-        client.text_generation(CHATML, max_new_tokens=20, stream=True, details=True)
-    )
+    events = list(client.text_generation(CHATML, max_new_tokens=20, stream=True, details=True))
     assert events[-1].generated_text == "".join(e.token.text for e in events)
     assert events[-1].details.generated_tokens == len(events)
     assert events[-1].generated_text == out.generated_text
 
 
-def test_sagemaker_invocations_with_the_book_body(server: ProcessServer) -> None:
+def test_sagemaker_invocations_with_the_book_body(server: ServerProcess) -> None:
     r = httpx.post(
         f"{server.url}/invocations", json=BOOK_BODY, headers={"authorization": "Bearer test-key"}, timeout=120
     )
@@ -102,7 +101,7 @@ def test_the_book_tgi_environment_starts_the_server(default_model_path: Path, tm
         "MAX_BATCH_TOTAL_TOKENS": "4096",
         "HF_MODEL_QUANTIZE": "bitsandbytes",
     }
-    with process_server(["--host", "127.0.0.1"], tmp_path / "serve.log", env=env) as server:
+    with process_server([], tmp_path / "serve.log", env=env) as server:
         info = httpx.get(f"{server.url}/info").json()
         assert info["quantize"] == "bitsandbytes"
         assert (info["max_input_tokens"], info["max_total_tokens"], info["max_batch_total_tokens"]) == (

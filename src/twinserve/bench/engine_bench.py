@@ -127,7 +127,7 @@ def _requests(prompts: list[str], max_new: int) -> list[GenerateRequest]:
     return [GenerateRequest(prompt=p, params=params, add_special_tokens=False) for p in prompts]
 
 
-class _EngineSide:
+class EngineSide:
     """The engine's half of each workload."""
 
     def __init__(self, engine: AsyncEngine, cfg: EngineBenchConfig) -> None:
@@ -216,12 +216,12 @@ def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None
     async_engine = AsyncEngine(build_engine(engine_cfg))
     async_engine.start()
     try:
-        return _measure(cfg, _EngineSide(async_engine, cfg), progress)
+        return _measure(cfg, EngineSide(async_engine, cfg), progress)
     finally:
         async_engine.shutdown()
 
 
-def _measure(cfg: EngineBenchConfig, eng: _EngineSide, progress: Progress) -> EngineBenchReport:
+def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> EngineBenchReport:
     tokenizer = eng.engine.engine.tokenizer
     loaded = eng.engine.engine.loaded
     dtype = loaded.dtype if loaded is not None else torch.float32

@@ -99,3 +99,63 @@ def _print_report(report: EngineBenchReport) -> None:
         out.print(
             f"{name}: {value:.2f}x (target {'≤' if name == 'ttft_vs_prefill' else '≥'} {target}x){mark}"
         )
+
+
+@app.command("http-overhead")
+def http_overhead_command(
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the default model)."
+    ),
+    dtype: str = typer.Option("auto", "--dtype"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    concurrency: int = typer.Option(32, "--concurrency", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=2),
+    rounds: int = typer.Option(2, "--rounds", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """The same W32 in-process and over HTTP (streaming chat), interleaved: what serving costs."""
+    from twinserve.bench.http_overhead import HttpOverheadConfig, run_http_overhead_bench
+
+    if model is None:
+        from twinserve.registry.default_model import ensure_default_model
+
+        model = ensure_default_model()
+    cfg = HttpOverheadConfig.model_validate(
+        {
+            "model": str(model),
+            "dtype": dtype,
+            "threads": threads,
+            "concurrency": concurrency,
+            "max_new_tokens": max_new_tokens,
+            "rounds": rounds,
+        }
+    )
+    with err.status("benchmarking …") as status:
+        report = run_http_overhead_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    table = Table(title=f"W{concurrency}: in-process engine vs HTTP (OpenAI chat, streaming)")
+    for column in (
+        "round",
+        "in-process tok/s",
+        "HTTP tok/s",
+        "HTTP ÷ in-process",
+        "TTFT p50 in-process",
+        "TTFT p50 HTTP",
+    ):
+        table.add_column(column, justify="right")
+    for i, r in enumerate(report.rounds, 1):
+        table.add_row(
+            str(i),
+            f"{r.in_process.tokens_per_s:.1f}",
+            f"{r.http.tokens_per_s:.1f}",
+            f"{r.ratio:.2f}",
+            f"{r.in_process.ttft_ms_p50:.0f} ms",
+            f"{r.http.ttft_ms_p50:.0f} ms",
+        )
+    out.print(table)
+    out.print(
+        f"median throughput ratio {report.throughput_ratio_median:.2f} (target ≥ 0.90); "
+        f"HTTP p50 TTFT {report.http_ttft_ms_p50:.0f} ms (target ≤ 300 ms)"
+    )

@@ -165,10 +165,13 @@ class Engine:
             self.runner.prepare_cache(sched.cache_slots, sched.cache_capacity, len(self.scheduler.running))
         except Exception as exc:  # e.g. out of memory: fail this step's rows like a failed forward
             return self._forward_failed(sched.decode + sched.prefill, exc, prefill=bool(sched.prefill))
-        if sched.decode:
-            events += self._run(sched.decode, prefill=False)
+        # newcomers first (TGI's order): their first token does not wait for a decode pass;
+        # running streams wait for the bounded prefill either way. A row finishing at prefill
+        # only ever moves a row prefilled in this same pass (they sit after the decode rows).
         if sched.prefill:
             events += self._run(sched.prefill, prefill=True)
+        if sched.decode:
+            events += self._run(sched.decode, prefill=False)
         if not self.scheduler.has_work():
             self.runner.release_cache()
         return events

@@ -75,13 +75,13 @@ def test_requests_join_between_steps_and_leave_when_done(tmp_path) -> None:
     engine.step()  # prefill a, b
     assert runner.calls[-1] == (True, ["a", "b"], [0, 1])
     engine.add_request(req("c", max_new=2))
-    events = engine.step()  # decode a, b; prefill c in the same step
-    assert runner.calls[-2] == (False, ["a", "b"], [0, 1])
+    events = engine.step()  # prefill c, then decode a, b in the same step
+    assert runner.calls[-2] == (True, ["c"], [2])
+    assert runner.calls[-1] == (False, ["a", "b"], [0, 1])
     finished = {e.request_id for e in events if e.finished}
     assert finished == {"a"}  # a leaves the moment its 2nd token is out
-    # c (admitted at slot 2, not prefilled yet) took a's slot 0 before its prefill ran
-    assert runner.moves == [SlotMove(src=2, dst=0, length=0)]
-    assert runner.calls[-1] == (True, ["c"], [0])
+    # c (prefilled at slot 2: its 4 prompt positions) moved into a's slot 0
+    assert runner.moves == [SlotMove(src=2, dst=0, length=4)]
     events = engine.step()
     assert runner.calls[-1] == (False, ["c", "b"], [0, 1])
     assert {e.request_id for e in events if e.finished} == {"c"}
@@ -110,9 +110,9 @@ def test_prefill_budget_splits_newcomers_over_steps(tmp_path) -> None:
     engine.step()
     assert runner.calls[-1] == (True, ["r0", "r1"], [0, 1])
     engine.step()
-    # running streams keep decoding while the next newcomers are prefilled
-    assert runner.calls[-2] == (False, ["r0", "r1"], [0, 1])
-    assert runner.calls[-1] == (True, ["r2", "r3"], [2, 3])
+    # the next newcomers are prefilled, then the running streams decode in the same step
+    assert runner.calls[-2] == (True, ["r2", "r3"], [2, 3])
+    assert runner.calls[-1] == (False, ["r0", "r1"], [0, 1])
 
 
 def test_prefill_step_target_splits_a_burst_but_lets_a_long_prompt_through(tmp_path) -> None:

@@ -44,13 +44,13 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_model_dir: Path, tmp
         assert started.wait(30)
         server.proc.send_signal(signal.SIGTERM)
         thread.join(60)
-        assert server.proc.wait(60) == 0, server.log()
+        assert server.proc.wait(60) == 0, server.log_path.read_text()
         assert result["error"] is None
         events = result["events"]
         assert len(events) == 2500 and events[-1]["generated_text"] is not None
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health", timeout=2)
-        log = server.log()
+        log = server.log_path.read_text()
         assert "SIGTERM: draining" in log and '"status": 200' in log
 
 
@@ -60,7 +60,7 @@ def test_drain_is_bounded_by_the_timeout(tiny_model_dir: Path, tmp_path: Path) -
         thread, result, started = _stream_in_thread(server.url, 3900)
         assert started.wait(30)
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(30) == 0, server.log()
+        assert server.proc.wait(30) == 0, server.log_path.read_text()
         thread.join(30)
         # cut off: the stream never got its final event
         assert not result["events"] or result["events"][-1]["generated_text"] is None

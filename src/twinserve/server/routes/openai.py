@@ -19,7 +19,9 @@ from twinserve.server.sse import DONE, sse_event, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": oai.ErrorResponse} for code in (401, 422, 424, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": oai.ErrorResponse} for code in (401, 422, 424, 429, 503)
+}
 
 
 def _use_openai_errors(request: Request) -> None:

@@ -1,0 +1,93 @@
+"""`twinserve serve` as a child process: start on a free local port, wait for health, stop.
+
+Used wherever a real server is needed next to the caller: the `demo` command, the HTTP
+overhead benchmark, tests (and, later, local endpoint replicas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from twinserve.errors import ModelLoadError
+
+_SERVE = [sys.executable, "-c", "from twinserve.cli.main import app; app()", "serve"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One `twinserve serve` child on 127.0.0.1; its output goes to `log_path` (or is dropped)."""
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [*_SERVE, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        full_env = {**os.environ, **(env or {})}
+        out: IO[bytes] | int = log_path.open("wb") if log_path else subprocess.DEVNULL
+        # its own session: a signal to this process group never reaches the caller
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+        if not isinstance(out, int):
+            out.close()
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        """Block until `/health` is 200; ModelLoadError with the log's tail if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ModelLoadError(f"the server exited with {self.proc.returncode}: {self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise ModelLoadError(f"the server was not healthy after {timeout:.0f}s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 10) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the server drains and exits 0), SIGKILL to the group if it overstays."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill() if exc[0] is not None else self.stop()
