@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 model: venv
 	$(BIN)/twinserve model default
 
+# serves the default model, streams one chat answer through the OpenAI route, stops the server
 up: venv model
-	$(BIN)/twinserve generate --model "$$($(BIN)/twinserve model default)" --chat "Tell me in two sentences what an LLM twin is."
+	$(BIN)/twinserve demo
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from twinserve import __version__
-from twinserve.cli import bench, generate, model, serve
+from twinserve.cli import bench, chat, generate, model, serve
 
 app = typer.Typer(
     name="twinserve",
@@ -34,3 +34,5 @@ app.add_typer(model.app, name="model")
 app.command("generate")(generate.generate_command)
 app.add_typer(bench.app, name="bench")
 app.command("serve")(serve.serve_command)
+app.command("chat")(chat.chat_command)
+app.command("demo")(chat.demo_command)
