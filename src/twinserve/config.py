@@ -74,6 +74,13 @@ class EngineConfig(BaseModel):
             "max_batch_prefill_tokens on GPU."
         ),
     )
+    share_prompt_prefix: bool = Field(
+        True,
+        description=(
+            "Prefill the prompt prefix a prefill group shares (a system prompt, a chat header) "
+            "once and copy its KV to every row, instead of computing it per row."
+        ),
+    )
     max_batch_total_tokens: int = Field(
         32768, ge=2, description="KV-cache budget in tokens over all running requests."
     )
@@ -170,6 +177,9 @@ class ServeConfig(BaseSettings):
         validation_alias=_env("TWINSERVE_PREFILL_STEP_TOKENS"),
         description="Soft prompt-token target per prefill pass (see EngineConfig); None = by device.",
     )
+    share_prompt_prefix: bool = Field(
+        True, validation_alias=_env("TWINSERVE_SHARE_PROMPT_PREFIX"), description="See EngineConfig."
+    )
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("TWINSERVE_MAX_BATCH_SIZE", "MAX_BATCH_SIZE"))
     max_concurrent_requests: int = Field(
         128,
@@ -229,6 +239,7 @@ class ServeConfig(BaseSettings):
             max_batch_prefill_tokens=self.max_batch_prefill_tokens or max(4096, self.max_input_tokens),
             max_batch_total_tokens=self.max_batch_total_tokens or max(32768, self.max_total_tokens),
             prefill_step_tokens=self.prefill_step_tokens,
+            share_prompt_prefix=self.share_prompt_prefix,
             max_batch_size=self.max_batch_size,
             max_concurrent_requests=self.max_concurrent_requests,
         )

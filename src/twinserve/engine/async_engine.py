@@ -124,7 +124,9 @@ class AsyncEngine:
     # ----------------------------------------------------------- the thread
     def _dispatch(self, events: list[TokenEvent]) -> None:
         """Called in the engine thread after each forward: route events to their queues."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]
+        ] = {}
         with self._subs_lock:
             for event in events:
                 sub = self._subscribers.get(event.request_id)

@@ -86,6 +86,12 @@ class SlotKVCache:
         assert self._kv is not None, "cache used before ensure()"
         return self._kv[index, 0], self._kv[index, 1]
 
+    def copy_prefix(self, src: int, dsts: list[int], length: int) -> None:
+        """Copy the first `length` positions of slot `src` into every slot of `dsts` (shared prompt prefix)."""
+        assert self._kv is not None
+        index = torch.tensor(dsts, dtype=torch.long, device=self._kv.device)
+        self._kv[:, :, index, :, :length] = self._kv[:, :, src : src + 1, :, :length]
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (compaction)."""
         assert self._kv is not None

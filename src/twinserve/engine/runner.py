@@ -101,28 +101,33 @@ class ModelRunner:
 
     def _prefill(self, rows: list[RequestState]) -> tuple[torch.Tensor, list[list[float] | None]]:
         dev = self.device
-        width = max(r.prompt_len for r in rows)
+        prefix = shared_prefix_len(rows) if self.config.share_prompt_prefix else 0
+        if prefix:
+            self._prefill_prefix(rows, prefix)
+        width = max(r.prompt_len for r in rows) - prefix
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, : r.prompt_len] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        lengths = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
+            ids[i, : r.prompt_len - prefix] = torch.tensor(r.prompt_ids[prefix:], dtype=torch.long)
+        lengths = torch.tensor([r.prompt_len - prefix for r in rows], dtype=torch.long)
         # logits: every prompt position for rows that want prompt logprobs, else the last one
         index: list[int] = []
         spans: list[tuple[int, int]] = []  # (first logits row, rows) per request
         for i, r in enumerate(rows):
             start = len(index)
-            if r.wants_prompt_logprobs:
+            if r.wants_prompt_logprobs:  # never with a shared prefix (see shared_prefix_len)
                 index.extend(range(i * width, i * width + r.prompt_len))
             else:
-                index.append(i * width + r.prompt_len - 1)
+                index.append(i * width + r.prompt_len - prefix - 1)
             spans.append((start, len(index) - start))
+        positions = torch.arange(prefix, prefix + width, dtype=torch.long)
         batch = ForwardBatch(
             input_ids=ids.to(dev),
-            positions=torch.arange(width, dtype=torch.long).expand(len(rows), width).to(dev),
+            positions=positions.expand(len(rows), width).to(dev),
             slots=torch.tensor([r.slot for r in rows], dtype=torch.long).to(dev),
             is_prefill=True,
-            attn_len=width,
+            attn_len=prefix + width,
             lengths=lengths.to(dev),
+            prefix_len=prefix,
         )
         logits = self.model.forward(batch, self.cache, torch.tensor(index, dtype=torch.long).to(dev))
         last_rows = [start + n - 1 for start, n in spans]
@@ -137,3 +142,42 @@ class ModelRunner:
         if len(last_rows) != logits.shape[0]:
             logits = logits[torch.tensor(last_rows, device=logits.device)]
         return logits, prompt_logprobs
+
+    def _prefill_prefix(self, rows: list[RequestState], prefix: int) -> None:
+        """Prefill the prompt prefix all rows share once, in the first row's slot, then copy it."""
+        dev = self.device
+        first = rows[0]
+        batch = ForwardBatch(
+            input_ids=torch.tensor([first.prompt_ids[:prefix]], dtype=torch.long).to(dev),
+            positions=torch.arange(prefix, dtype=torch.long)[None, :].to(dev),
+            slots=torch.tensor([first.slot], dtype=torch.long).to(dev),
+            is_prefill=True,
+            attn_len=prefix,
+            lengths=torch.tensor([prefix], dtype=torch.long).to(dev),
+        )
+        # the LM head runs on one position only; its logits are not needed
+        self.model.forward(batch, self.cache, torch.tensor([prefix - 1], dtype=torch.long).to(dev))
+        self.cache.copy_prefix(first.slot, [r.slot for r in rows[1:]], prefix)
+
+
+# sharing pays when it saves at least this many prompt tokens of compute (one extra pass costs ~that)
+MIN_SHARED_TOKENS = 64
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_len(rows: list[RequestState]) -> int:
+    """Prompt tokens every row starts with (a system prompt, a chat template's header), or 0.
+
+    Each row keeps at least one token of its own (its logits come from its last token); rows
+    that want prompt logprobs need every position's logits, so they disable sharing.
+    """
+    if len(rows) < 2 or any(r.wants_prompt_logprobs for r in rows):
+        return 0
+    first = rows[0].prompt_ids
+    limit = min(r.prompt_len for r in rows) - 1
+    n = 0
+    while n < limit and all(r.prompt_ids[n] == first[n] for r in rows[1:]):
+        n += 1
+    if n < MIN_SHARED_PREFIX or n * (len(rows) - 1) < MIN_SHARED_TOKENS:
+        return 0
+    return n

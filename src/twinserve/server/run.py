@@ -1,4 +1,4 @@
-"""Run the app under uvicorn with a graceful drain on SIGTERM.
+"""Run the app under uvicorn with a graceful drain on SIGTERM; exit 1 if the model can't load.
 
 SIGTERM (Kubernetes, SageMaker, `docker stop`): health turns 503, the listening socket
 closes, in-flight requests finish within `drain_timeout_s`, the engine stops, and the
@@ -18,7 +18,7 @@ import uvicorn
 from twinserve.config import ServeConfig
 from twinserve.server.app import create_app
 from twinserve.server.logs import configure_logging
-from twinserve.server.service import ModelService
+from twinserve.server.service import ModelService, ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -65,4 +65,13 @@ def serve(config: ServeConfig) -> None:
         "serving",
         extra={"host": host, "port": port, "model": config.model, "api_key": bool(config.api_key)},
     )
-    DrainingServer(uv_config, service).run()
+    server = DrainingServer(uv_config, service)
+
+    def stop_after_failed_load() -> None:
+        # fail fast like TGI: an orchestrator sees the exit and the log says why
+        server.should_exit = True
+
+    service.on_load_failure = stop_after_failed_load
+    server.run()
+    if service.state is ServiceState.FAILED:
+        raise SystemExit(1)

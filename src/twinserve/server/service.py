@@ -12,6 +12,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twinserve import __version__
@@ -54,6 +55,8 @@ class ModelService:
         self.metrics = ServerMetrics(self._gauges)
         self.started_at = time.time()
         self._loader: threading.Thread | None = None
+        # called (from the loader thread) when the model cannot load; `serve` exits non-zero
+        self.on_load_failure: Callable[[], None] | None = None
         if engine is not None:
             engine.start()
 
@@ -107,6 +110,8 @@ class ModelService:
                 extra={"reason": message},
                 exc_info=not isinstance(exc, TwinserveError),
             )
+            if self.on_load_failure is not None:
+                self.on_load_failure()
 
     def begin_drain(self) -> None:
         """Stop admitting (health 503); requests already admitted run to the end."""

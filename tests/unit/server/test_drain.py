@@ -64,3 +64,14 @@ def test_drain_is_bounded_by_the_timeout(tiny_model_dir: Path, tmp_path: Path) -
         thread.join(30)
         # cut off: the stream never got its final event
         assert not result["events"] or result["events"][-1]["generated_text"] is None
+
+
+def test_a_model_that_cannot_load_makes_serve_exit_1_with_the_reason(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    with process_server(["--model", str(model)], tmp_path / "serve.log", wait=False) as server:
+        assert server.proc.wait(120) == 1
+        log = server.log_path.read_text()
+        assert "model failed to load" in log and "pickle" in log.lower()

@@ -76,7 +76,8 @@ class ForwardBatch:
 
     Decode: `input_ids` [B], one token per row at `positions` [B] in cache slot `slots` [B],
     `attn_len` = max(positions) + 1. Prefill: `input_ids` [n, L] right-padded, row i holds
-    `lengths[i]` real tokens at positions 0..lengths[i]-1 and writes slot `slots[i]`.
+    `lengths[i]` real tokens at positions prefix_len..prefix_len+lengths[i]-1 and writes slot
+    `slots[i]`; positions below `prefix_len` are already in every row's slot (a shared prefix).
     """
 
     input_ids: torch.Tensor
@@ -87,6 +88,7 @@ class ForwardBatch:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, attn_len] bool, True = attend
     lengths: torch.Tensor | None = None  # prefill only
     slots_contiguous: bool = False  # decode rows are slots 0..B-1 in order
+    prefix_len: int = 0  # prefill only: cached positions the new tokens continue from
 
 
 class LlamaModel:
@@ -262,9 +264,12 @@ class LlamaModel:
         k4 = k.reshape(n, width, s.num_kv_heads, s.head_dim)
         v4 = v.reshape(n, width, s.num_kv_heads, s.head_dim)
         k_cache, v_cache = cache.layer(layer)
+        start = batch.prefix_len
         # right padding: pad positions land beyond each row's length and are masked later
-        k_cache[batch.slots, :, :width] = k4.transpose(1, 2)
-        v_cache[batch.slots, :, :width] = v4.transpose(1, 2)
+        k_cache[batch.slots, :, start : start + width] = k4.transpose(1, 2)
+        v_cache[batch.slots, :, start : start + width] = v4.transpose(1, 2)
+        if start:
+            return self._prefix_attention(batch, k_cache, v_cache, q4)
         if self._flash is not None:
             out = self._flash(q4, k4, v4, causal=True)
             return out.reshape(n * width, s.num_heads * s.head_dim)
@@ -274,6 +279,23 @@ class LlamaModel:
             v4.transpose(1, 2),
             is_causal=True,
             enable_gqa=s.num_heads != s.num_kv_heads,
+        )
+        return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
+
+    def _prefix_attention(
+        self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, q4: torch.Tensor
+    ) -> torch.Tensor:
+        """New tokens attend to the shared prefix in the cache and causally to each other."""
+        s = self.shape
+        n, width = batch.input_ids.shape
+        total = batch.prefix_len + width
+        keys = k_cache[batch.slots, :, :total]
+        values = v_cache[batch.slots, :, :total]
+        # query i sits at position prefix_len + i and sees keys up to there
+        query_pos = torch.arange(width, device=q4.device)[:, None] + batch.prefix_len
+        mask = torch.arange(total, device=q4.device)[None, :] <= query_pos
+        out = F.scaled_dot_product_attention(
+            q4.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
         )
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
