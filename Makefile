@@ -26,8 +26,11 @@ model: venv
 	$(BIN)/twinserve model default
 
 # serves the default model, streams one chat answer through the OpenAI route, stops the server
+# registers the default model as llm-twin@champion (once), serves it by that reference, streams
+# one chat answer through the OpenAI route, stops the server
 up: venv model
-	$(BIN)/twinserve demo
+	$(BIN)/twinserve registry import-default
+	$(BIN)/twinserve demo --model models:/llm-twin@champion
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -30,6 +30,17 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.home() / ".cache" / "twinserve",
         description="Root for cached models and state (TWINSERVE_HOME).",
     )
+    registry_uri: str | None = Field(
+        None,
+        description=(
+            "MLflow store of the model registry (TWINSERVE_REGISTRY_URI): sqlite:///…, "
+            "postgresql://…, or an MLflow server URL. None = a SQLite file under `home`."
+        ),
+    )
+    registry_artifacts: str | None = Field(
+        None,
+        description="Where version files go (TWINSERVE_REGISTRY_ARTIFACTS): a folder or s3://…; None = beside the store.",
+    )
 
     @property
     def models_dir(self) -> Path:

@@ -17,6 +17,7 @@ from twinserve.errors import TwinserveError
 err = Console(stderr=True)
 
 DEMO_QUESTION = "Tell me in two sentences what an LLM twin is."
+CHAMPION_REF = "models:/llm-twin@champion"
 
 
 def chat_command(
@@ -60,27 +61,44 @@ def stream_chat(client: LLMClient, messages: list[dict[str, str]], **params: obj
 
 def demo_command(
     question: str = typer.Argument(DEMO_QUESTION, help="What to ask."),
-    model: str = typer.Option("default", "--model", "-m", help="Model folder, Hub id or `default`."),
+    model: str = typer.Option(
+        CHAMPION_REF, "--model", "-m", help="Registry reference, model folder, Hub id or `default`."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
 ) -> None:
-    """Start `twinserve serve` on the model, stream one chat answer through its OpenAI route, stop it."""
+    """Serve the model (by default the registry's llm-twin@champion), stream one chat answer, stop.
+
+    The answer travels the whole stack: registry → `twinserve serve` (a child process) →
+    OpenAI chat route → `LLMClient`. An empty registry gets the default model as llm-twin v1.
+    """
+    import httpx
+
     from twinserve.config import get_settings
-    from twinserve.registry.resolve import resolve_model
     from twinserve.server.process import ServerProcess
 
     try:
-        resolved = resolve_model(model, progress=True)
+        if model == CHAMPION_REF:
+            from twinserve.registry.store import ModelRegistry
+
+            with err.status("registering the default model as llm-twin (once) …"):
+                ModelRegistry().import_default()
+        elif model == "default":
+            from twinserve.registry.default_model import ensure_default_model
+
+            ensure_default_model()  # with its progress display, before the server needs it
         logs = get_settings().home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        server = ServerProcess(
-            ["--model", str(resolved.path), "--log-format", "text"], log_path=logs / "demo-serve.log"
-        )
+        # the server resolves (and verifies) the reference itself; /info says what it serves
+        server = ServerProcess(["--model", model, "--log-format", "text"], log_path=logs / "demo-serve.log")
         with server:
-            with err.status(f"starting twinserve serve on {resolved.model_id} …"):
+            with err.status(f"starting twinserve serve --model {model} …"):
                 server.wait_healthy()
+            info = httpx.get(f"{server.url}/info", timeout=10).json()
+            version = f" v{info['registry_version']}" if info.get("registry_version") else ""
             err.print(
-                f"[green]serving[/green] {resolved.model_id} at {server.url} "
-                f"(TGI /generate, OpenAI /v1/chat/completions, SageMaker /invocations; log: {server.log_path})"
+                f"[green]serving[/green] {info['model_id']}{version} (weights sha256 "
+                f"{info['weights_sha256'][:12]}) at {server.url}: TGI /generate, OpenAI "
+                f"/v1/chat/completions, SageMaker /invocations (log: {server.log_path})"
             )
             err.print(f"[bold]user:[/bold] {question}")
             with LLMClient(server.url, api="openai") as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from twinserve import __version__
-from twinserve.cli import bench, chat, generate, model, serve
+from twinserve.cli import bench, chat, generate, model, registry, serve
 
 app = typer.Typer(
     name="twinserve",
@@ -31,6 +31,7 @@ def _root(
 
 
 app.add_typer(model.app, name="model")
+app.add_typer(registry.app, name="registry")
 app.command("generate")(generate.generate_command)
 app.add_typer(bench.app, name="bench")
 app.command("serve")(serve.serve_command)

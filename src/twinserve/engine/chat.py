@@ -8,12 +8,18 @@ from twinserve.engine.request import GenerateRequest, SamplingParams
 from twinserve.errors import ValidationError
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text the model was trained to continue, ending with the assistant turn."""
-    if not getattr(tokenizer, "chat_template", None):
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None) -> str:
+    """The prompt text the model was trained to continue, ending with the assistant turn.
+
+    `chat_template` (a model card's) replaces the tokenizer's own when given.
+    """
+    if not chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValidationError("this model has no chat template; send a plain prompt instead")
     try:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        rendered = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+        return str(rendered)
     except Exception as exc:  # jinja errors: bad roles, template raise_exception(...)
         raise ValidationError(f"cannot apply the chat template: {exc}") from exc
 

@@ -52,6 +52,9 @@ class ModelService:
         self.state = ServiceState.READY if engine is not None else ServiceState.LOADING
         self.failure: str | None = None
         self._generation_defaults = dict(generation_defaults or {})
+        self._chat_template: str | None = None
+        if resolved is not None:
+            self._adopt_card(resolved)
         self.metrics = ServerMetrics(self._gauges)
         self.started_at = time.time()
         self._loader: threading.Thread | None = None
@@ -83,7 +86,7 @@ class ModelService:
                 )
             log.info("resolving model", extra={"model": cfg.model, "revision": cfg.revision})
             resolved = resolve_model(cfg.model, cfg.revision)
-            engine_config = cfg.engine_config(str(resolved.path))
+            engine_config = self._with_card(cfg, resolved).engine_config(str(resolved.path))
             from twinserve.engine.factory import build_engine
 
             started = time.monotonic()
@@ -98,6 +101,8 @@ class ModelService:
                     "model": resolved.model_id,
                     "path": str(resolved.path),
                     "revision": resolved.revision,
+                    "registry_version": resolved.registry_version,
+                    "weights_sha256": engine.engine.loaded.weights_sha256 if engine.engine.loaded else None,
                     "load_s": round(time.monotonic() - started, 2),
                 },
             )
@@ -112,6 +117,33 @@ class ModelService:
             )
             if self.on_load_failure is not None:
                 self.on_load_failure()
+
+    def _with_card(self, cfg: ServeConfig, resolved: ResolvedModel) -> ServeConfig:
+        """Apply the model card: its generation defaults, and its serving limits and quantization
+        where neither a flag nor the environment set them."""
+        card = resolved.card
+        if card is None:
+            return cfg
+        self._adopt_card(resolved)
+        updates: dict[str, Any] = {}
+        for field, value in (
+            ("max_input_tokens", card.max_input_tokens),
+            ("max_total_tokens", card.max_total_tokens),
+            ("quantize", card.quantization),
+        ):
+            if value is not None and field not in cfg.model_fields_set:
+                updates[field] = value
+        return cfg.model_copy(update=updates) if updates else cfg
+
+    def _adopt_card(self, resolved: ResolvedModel) -> None:
+        """Generation defaults and chat template from the card (a request's own values win)."""
+        if resolved.card is None:
+            return
+        self._generation_defaults = {
+            **resolved.card.generation_defaults.model_dump(exclude_none=True),
+            **self._generation_defaults,
+        }
+        self._chat_template = resolved.card.chat_template()
 
     def begin_drain(self) -> None:
         """Stop admitting (health 503); requests already admitted run to the end."""
@@ -159,7 +191,7 @@ class ModelService:
         return Generation(stream, request, self.metrics)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return render_chat(self.tokenizer, messages)
+        return render_chat(self.tokenizer, messages, self._chat_template)
 
     @property
     def generation_defaults(self) -> dict[str, Any]:
@@ -207,5 +239,16 @@ class ModelService:
             version=__version__,
             model_path=str(self.resolved.path),
             model_revision=self.resolved.revision,
+            registry_name=self.resolved.registry_name,
+            registry_version=self.resolved.registry_version,
+            prompt_template=_template_label(self.resolved),
             weights_sha256=loaded.weights_sha256 if loaded else "",
         )
+
+
+def _template_label(resolved: ResolvedModel) -> str:
+    """Which chat template the server renders chats with (for /info)."""
+    card = resolved.card
+    if card is None or card.prompt_template is None:
+        return "tokenizer"
+    return card.prompt_template if "{" not in card.prompt_template else "custom (model card)"

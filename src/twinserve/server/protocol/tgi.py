@@ -160,6 +160,11 @@ class Info(BaseModel):
     # provenance beyond TGI: the exact weights served
     model_path: str
     model_revision: str | None = None
+    registry_name: str | None = None
+    registry_version: int | None = None
+    prompt_template: str = Field(
+        "tokenizer", description="Chat template in use: tokenizer, a built-in name, or custom."
+    )
     weights_sha256: str
 
 
