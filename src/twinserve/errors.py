@@ -6,11 +6,13 @@ TwinserveError
 │   ├── ValidationError       422  bad parameters, input over the limits
 │   ├── OverloadedError       429  queue or concurrency limit reached; retry later
 │   ├── NotFoundError         404  unknown model, file or reference
+│   ├── ConflictError         409  the thing changed meanwhile, or already exists
 │   ├── UnauthorizedError     401  missing or wrong API key
 │   └── PayloadTooLargeError  413  request body over the payload limit
 └── ServerError               twinserve or the model failed; not the caller's fault
     ├── ModelError            424  a forward pass (or the model's files) failed for this request
     ├── ModelLoadError        500  weights/config/tokenizer could not be loaded
+    ├── BadGatewayError       502  (router) a replica failed before answering, not retried
     ├── NotReadyError         503  the model is still loading, or the server is draining
     ├── EngineDeadError       503  the engine cannot continue; health reports it
     ├── UnreachableError      503  (client side) no connection to the server could be made
@@ -61,6 +63,13 @@ class NotFoundError(ClientError):
 
     status_code = 404
     error_type = "not_found"
+
+
+class ConflictError(ClientError):
+    """A stale write (someone changed the thing since it was read), or a create of an existing one."""
+
+    status_code = 409
+    error_type = "conflict"
 
 
 class UnauthorizedError(ClientError):
@@ -124,3 +133,10 @@ class RequestTimeoutError(ServerError):
 
     status_code = 504
     error_type = "timeout"
+
+
+class BadGatewayError(ServerError):
+    """The endpoint router's replica failed after it may have started on the request (so no retry)."""
+
+    status_code = 502
+    error_type = "bad_gateway"

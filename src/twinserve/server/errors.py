@@ -23,6 +23,7 @@ _OPENAI_TYPES = {
     "unauthorized": "authentication_error",
     "payload_too_large": "invalid_request_error",
     "generation": "server_error",
+    "bad_gateway": "server_error",
     "unhealthy": "service_unavailable",
     "not_ready": "service_unavailable",
 }

@@ -1,0 +1,220 @@
+"""Replicas as local `twinserve serve` processes on 127.0.0.1, each on its own port.
+
+A replica outlives the CLI that started it (its own session, output to a log file), so all
+that identifies it later is in its `ReplicaRecord`: pid, port, URL, log file. Before a pid is
+trusted (probed, signalled) its command line must still be `twinserve serve … --port N`: pids
+are reused, and a stale record must never make us signal someone else's process.
+
+The API key reaches a replica through its environment (`API_KEY`), never its command line,
+which `ps` shows to every user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+import httpx
+import psutil
+
+from twinserve.config import get_settings
+from twinserve.endpoints.runtime import ReplicaStartError
+from twinserve.endpoints.spec import EndpointConfig, ReplicaRecord, ReplicaState, VariantConfig, utcnow
+from twinserve.endpoints.state import StateStore
+from twinserve.errors import ModelLoadError, NotFoundError
+from twinserve.server.process import ServerProcess, free_port
+
+# after the drain, the engine stops and the interpreter exits: a few seconds more before SIGKILL
+_EXIT_GRACE_S = 10.0
+_PROBE_TIMEOUT_S = 2.0
+_LOG_TAIL_LINES = 30
+
+
+def serve_args(endpoint: EndpointConfig, variant: VariantConfig) -> list[str]:
+    """`twinserve serve` flags for one replica (host and port are added by ServerProcess)."""
+    args = ["--model", variant.model, "--dtype", variant.dtype, "--log-format", "json"]
+    args += ["--drain-timeout", f"{endpoint.drain_timeout_s:g}"]
+    if variant.quantize:
+        args += ["--quantize", variant.quantize]
+    if variant.threads:
+        args += ["--threads", str(variant.threads)]
+    return args + variant.limits.serve_args()
+
+
+def serve_env(endpoint: EndpointConfig, variant: VariantConfig, replica_id: str) -> dict[str, str]:
+    """Environment additions for one replica: the key (both names: TWINSERVE_API_KEY wins in serve)."""
+    env = {"TWINSERVE_REPLICA_ID": replica_id}
+    if endpoint.api_key is not None:
+        key = endpoint.api_key.get_secret_value()
+        env["API_KEY"] = key
+        env["TWINSERVE_API_KEY"] = key
+    if variant.device == "cpu":
+        # serve has no --device flag; hiding the GPUs makes its `auto` pick the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+class LocalRuntime:
+    """The `Runtime` of one machine: replicas are child processes, records are in the state store."""
+
+    def __init__(self, store: StateStore | None = None, *, home: Path | None = None) -> None:
+        self.store = store or StateStore()
+        self.logs_root = (home or get_settings().home) / "endpoints"
+        # children started by this process: waited on directly, so they never linger as zombies
+        self._children: dict[str, ServerProcess] = {}
+
+    def log_path(self, endpoint_name: str, replica_id: str) -> Path:
+        return self.logs_root / endpoint_name / f"{replica_id}.log"
+
+    def start_replica(self, endpoint: EndpointConfig, variant: VariantConfig) -> ReplicaRecord:
+        replica_id = f"{endpoint.name}-{variant.name}-{secrets.token_hex(3)}"
+        log_path = self.log_path(endpoint.name, replica_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        started_at = utcnow()
+        proc = ServerProcess(
+            serve_args(endpoint, variant),
+            port=port,
+            env=serve_env(endpoint, variant, replica_id),
+            log_path=log_path,
+        )
+        record = ReplicaRecord(
+            id=replica_id,
+            endpoint=endpoint.name,
+            variant=variant.name,
+            pid=proc.proc.pid,
+            port=port,
+            url=proc.url,
+            started_at=started_at,
+            log_path=str(log_path),
+        )
+        # recorded before the wait: a CLI killed meanwhile leaves a replica that can be found
+        self.store.put_replica(record)
+        try:
+            proc.wait_healthy(endpoint.startup_timeout_s)
+        except BaseException as exc:
+            proc.kill()
+            self.store.remove_replica(replica_id)
+            if isinstance(exc, ModelLoadError):
+                raise ReplicaStartError(
+                    f"replica {replica_id} of endpoint {endpoint.name!r} (variant {variant.name!r}, "
+                    f"model {variant.model}) did not become healthy",
+                    record=record,
+                    log_tail=_log_tail(log_path, _LOG_TAIL_LINES, skip_probes=True),
+                ) from exc
+            raise
+        self._children[replica_id] = proc
+        record = record.model_copy(
+            update={"state": ReplicaState.HEALTHY, "model_version": _model_version(record.url)}
+        )
+        return self.store.put_replica(record)
+
+    def stop_replica(self, record: ReplicaRecord, drain_timeout: float) -> None:
+        with contextlib.suppress(NotFoundError):
+            current = self.store.get_replica(record.id)
+            self.store.put_replica(current.model_copy(update={"state": ReplicaState.DRAINING}))
+        proc = self._children.pop(record.id, None)
+        if proc is not None:
+            proc.stop(timeout=drain_timeout + _EXIT_GRACE_S)
+        elif record.pid is not None and _is_ours(record):
+            _terminate(record.pid, drain_timeout + _EXIT_GRACE_S)
+        self.store.remove_replica(record.id)
+
+    def replica_alive(self, record: ReplicaRecord) -> bool:
+        return _is_ours(record) and _healthy(record.url)
+
+    def replica_logs(self, record: ReplicaRecord, lines: int = 100) -> str:
+        path = Path(record.log_path) if record.log_path else self.log_path(record.endpoint, record.id)
+        return _log_tail(path, lines)
+
+    def find_replicas(self, endpoint_name: str) -> list[ReplicaRecord]:
+        found = []
+        for record in self.store.replicas(endpoint_name):
+            state = _observed_state(record)
+            if state is not record.state:
+                record = self.store.put_replica(record.model_copy(update={"state": state}))
+            found.append(record)
+        return found
+
+
+def _log_tail(path: Path, lines: int, *, skip_probes: bool = False) -> str:
+    """The last `lines` lines; `skip_probes` drops the access lines of our own /health polling,
+    which would otherwise push the reason a replica failed out of the tail."""
+    if not path.exists():
+        return ""
+    with path.open(errors="replace") as f:
+        kept = (line for line in f if not (skip_probes and '"path": "/health"' in line))
+        return "".join(deque(kept, maxlen=lines))
+
+
+def _observed_state(record: ReplicaRecord) -> ReplicaState:
+    if not _is_ours(record):
+        return ReplicaState.STOPPED
+    if record.state is ReplicaState.DRAINING:
+        return record.state
+    if _healthy(record.url):
+        return ReplicaState.HEALTHY
+    # a replica still loading (another process is waiting for it) is not yet unhealthy
+    return ReplicaState.STARTING if record.state is ReplicaState.STARTING else ReplicaState.UNHEALTHY
+
+
+def _is_ours(record: ReplicaRecord) -> bool:
+    """The pid is alive (not a zombie) and still runs `twinserve serve … --port <port>`."""
+    if record.pid is None:
+        return False
+    try:
+        proc = psutil.Process(record.pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    pairs = zip(cmdline, cmdline[1:], strict=False)
+    port_given = any(a == "--port" and b == str(record.port) for a, b in pairs)
+    return port_given and "serve" in cmdline and any("twinserve" in a for a in cmdline)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM (serve drains, exits 0), then SIGKILL to its process group if it overstays."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # the group too: anything the replica spawned goes with it (pgid == pid: its own session)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=_PROBE_TIMEOUT_S).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _model_version(url: str) -> str | None:
+    """`models:/name/N` for registry models, else a prefix of the served weights' sha256."""
+    try:
+        info = httpx.get(f"{url}/info", timeout=_PROBE_TIMEOUT_S).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if info.get("registry_name") and info.get("registry_version") is not None:
+        return f"models:/{info['registry_name']}/{info['registry_version']}"
+    sha = info.get("weights_sha256")
+    return f"sha256:{sha[:12]}" if isinstance(sha, str) and sha else None
