@@ -80,17 +80,19 @@ def tiny_llama_dir(
     return path
 
 
+# small limits so tests exercise the budgets; fp32 for exact comparisons
+SMALL_LIMITS: dict[str, object] = {
+    "dtype": "float32",
+    "max_input_tokens": 128,
+    "max_total_tokens": 256,
+    "max_batch_prefill_tokens": 512,
+    "max_batch_total_tokens": 4096,
+    "max_batch_size": 16,
+    "max_concurrent_requests": 32,
+}
+
+
 def engine_config(model: Path, **overrides: object) -> EngineConfig:
-    """Small limits so tests exercise the budgets; fp32 for exact comparisons."""
-    values: dict[str, object] = {
-        "model": str(model),
-        "dtype": "float32",
-        "max_input_tokens": 128,
-        "max_total_tokens": 256,
-        "max_batch_prefill_tokens": 512,
-        "max_batch_total_tokens": 4096,
-        "max_batch_size": 16,
-        "max_concurrent_requests": 32,
-    }
-    values.update(overrides)
+    """An engine config with SMALL_LIMITS."""
+    values: dict[str, object] = {"model": str(model), **SMALL_LIMITS, **overrides}
     return EngineConfig.model_validate(values)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from tests.factories import SMALL_LIMITS
 from twinserve.config import ServeConfig
 from twinserve.server.app import create_app
 from twinserve.server.process import ServerProcess, free_port
@@ -25,16 +26,10 @@ def serve_config(model: Path | str, **overrides: Any) -> ServeConfig:
         "model": str(model),
         "host": "127.0.0.1",
         "port": free_port(),
-        "dtype": "float32",
-        "max_input_tokens": 128,
-        "max_total_tokens": 256,
-        "max_batch_prefill_tokens": 512,
-        "max_batch_total_tokens": 4096,
-        "max_batch_size": 16,
-        "max_concurrent_requests": 32,
+        **SMALL_LIMITS,
         "log_format": "text",
+        **overrides,
     }
-    values.update(overrides)
     return ServeConfig(**values)
 
 

@@ -41,10 +41,7 @@ def engine_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """W32 / W1 / TTFT of the engine vs HF `generate` (static padded batches), same prompts, same run."""
-    if model is None:
-        from twinserve.registry.default_model import ensure_default_model
-
-        model = ensure_default_model()
+    model = _model_or_default(model)
     from twinserve.bench.engine_bench import EngineBenchConfig, run_engine_bench
 
     cfg = EngineBenchConfig.model_validate(
@@ -116,10 +113,7 @@ def http_overhead_command(
     """The same W32 in-process and over HTTP (streaming chat), interleaved: what serving costs."""
     from twinserve.bench.http_overhead import HttpOverheadConfig, run_http_overhead_bench
 
-    if model is None:
-        from twinserve.registry.default_model import ensure_default_model
-
-        model = ensure_default_model()
+    model = _model_or_default(model)
     cfg = HttpOverheadConfig.model_validate(
         {
             "model": str(model),
@@ -159,3 +153,11 @@ def http_overhead_command(
         f"median throughput ratio {report.throughput_ratio_median:.2f} (target ≥ 0.90); "
         f"HTTP p50 TTFT {report.http_ttft_ms_p50:.0f} ms (target ≤ 300 ms)"
     )
+
+
+def _model_or_default(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    from twinserve.registry.default_model import ensure_default_model
+
+    return ensure_default_model()
