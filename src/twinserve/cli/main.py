@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from twinserve import __version__
-from twinserve.cli import bench, chat, generate, model, registry, serve
+from twinserve.cli import bench, chat, endpoint, generate, model, registry, serve
 
 app = typer.Typer(
     name="twinserve",
@@ -37,3 +37,4 @@ app.add_typer(bench.app, name="bench")
 app.command("serve")(serve.serve_command)
 app.command("chat")(chat.chat_command)
 app.command("demo")(chat.demo_command)
+app.add_typer(endpoint.app, name="endpoint")

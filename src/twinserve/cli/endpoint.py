@@ -1,0 +1,216 @@
+"""`twinserve endpoint …`: real-time endpoints on this machine (create, describe, list, invoke, delete, logs).
+
+Thin: parses, calls `endpoints.control.EndpointManager`, prints with rich. Heavy modules are
+imported inside the commands so `twinserve --help` stays fast. Exit codes: 0 ok, 1 an
+operation failed (not found, start-up failed, request error), 2 a bad config or flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from twinserve.endpoints.control import EndpointManager
+    from twinserve.endpoints.spec import Endpoint, EndpointConfig
+
+app = typer.Typer(help="Real-time endpoints: replicas behind one router URL.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _manager() -> EndpointManager:
+    from twinserve.endpoints.control import EndpointManager
+
+    return EndpointManager()
+
+
+def _build_config(
+    name: str, model: str | None, config: Path | None, variant: dict[str, Any], endpoint: dict[str, Any]
+) -> EndpointConfig:
+    """The EndpointConfig from `--config FILE.yaml` or from `--model` and the per-variant flags."""
+    import yaml
+    from pydantic import ValidationError
+
+    from twinserve.endpoints.spec import EndpointConfig
+
+    try:
+        if config is not None:
+            if model is not None:
+                _fail("give either --model or --config, not both", 2)
+            data = yaml.safe_load(config.read_text())
+            if not isinstance(data, dict):
+                _fail(f"{config}: an endpoint config is a YAML mapping (name:, variants:, ...)", 2)
+            if data.setdefault("name", name) != name:
+                _fail(f"{config} names the endpoint {data['name']!r}, not {name!r}", 2)
+            return EndpointConfig.from_dict({**data, **endpoint})
+        if model is None:
+            _fail("give --model REF (or --config FILE.yaml)", 2)
+        given = {k: v for k, v in variant.items() if v is not None}
+        return EndpointConfig.model_validate(
+            {"name": name, "variants": [{"model": model, **given}], **endpoint}
+        )
+    except (ValidationError, ValueError, OSError, yaml.YAMLError) as exc:
+        _fail(f"invalid endpoint config: {exc}", 2)
+
+
+@app.command("create")
+def create_command(
+    name: str = typer.Argument(..., help="Endpoint name (a DNS label)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="models:/name@alias, models:/name/N or a folder."
+    ),
+    replicas: int | None = typer.Option(None, "--replicas", min=1, help="Replicas to start (default 1)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads per replica."),
+    dtype: str | None = typer.Option(None, "--dtype", help="auto | bfloat16 | float16 | float32"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="EndpointConfig YAML file."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Bearer key the router and replicas require."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until InService (or Failed)."),
+) -> None:
+    """Start replicas and a router; print the endpoint URL."""
+    from twinserve.errors import TwinserveError
+
+    endpoint: dict[str, Any] = {"api_key": api_key} if api_key else {}
+    variant = {"replicas": replicas, "threads": threads, "dtype": dtype, "device": device}
+    cfg = _build_config(name, model, config, variant, endpoint)
+    manager = _manager()
+    try:
+        with err.status(f"creating endpoint {name!r}") as status:
+
+            def progress(message: str) -> None:
+                err.print(f"[dim]{message}[/dim]", highlight=False)
+                status.update(message)
+
+            ep = manager.create(cfg, wait=wait, progress=progress)
+    except TwinserveError as exc:
+        _fail(exc.message)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; endpoint {name!r} was stopped and marked Failed", 130)
+    if ep.url:
+        out.print(f"endpoint [bold]{name}[/bold] is {ep.status}: {ep.url}", highlight=False, soft_wrap=True)
+    else:
+        out.print(
+            f"endpoint [bold]{name}[/bold] is {ep.status}; follow with `twinserve endpoint describe {name}`"
+        )
+
+
+def _describe(manager: EndpointManager, name: str) -> Endpoint:
+    from twinserve.errors import NotFoundError
+
+    try:
+        return manager.describe(name)
+    except NotFoundError as exc:
+        _fail(exc.message)
+
+
+@app.command("describe")
+def describe_command(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
+    """Status, URL, variants and replicas (probed now), and the last failure reason."""
+    from rich.table import Table
+
+    ep = _describe(_manager(), name)
+    out.print(f"[bold]{ep.name}[/bold]  status: {ep.status}  url: {ep.url or '-'}", highlight=False)
+    out.print(f"created {ep.created_at:%Y-%m-%d %H:%M:%S} UTC, updated {ep.updated_at:%Y-%m-%d %H:%M:%S} UTC")
+    variants = Table("variant", "model", "weight", "desired", "current", title="variants")
+    for v in ep.variants:
+        cfg = ep.config.variant(v.name)
+        variants.add_row(
+            v.name, cfg.model, f"{cfg.weight:g}", str(v.desired_replicas), str(v.current_replicas)
+        )
+    out.print(variants)
+    replicas = Table("replica", "variant", "state", "pid", "port", "model version", title="replicas")
+    for r in ep.replicas:
+        replicas.add_row(
+            r.id, r.variant, str(r.state), str(r.pid or "-"), str(r.port), r.model_version or "-"
+        )
+    out.print(replicas)
+    if ep.failure_reason:
+        out.print(f"[red]failure reason:[/red]\n{ep.failure_reason}", highlight=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_command() -> None:
+    """Every endpoint with its status, URL and healthy/desired replicas."""
+    from rich.table import Table
+
+    endpoints = _manager().list()
+    if not endpoints:
+        out.print("no endpoints")
+        return
+    table = Table("name", "status", "url", "replicas (healthy/desired)", "created (UTC)")
+    for ep in endpoints:
+        healthy = sum(v.current_replicas for v in ep.variants)
+        desired = sum(v.desired_replicas for v in ep.variants)
+        table.add_row(
+            ep.name, str(ep.status), ep.url or "-", f"{healthy}/{desired}", f"{ep.created_at:%Y-%m-%d %H:%M}"
+        )
+    out.print(table)
+
+
+@app.command("invoke")
+def invoke_command(
+    name: str = typer.Argument(..., help="Endpoint name."),
+    prompt: str = typer.Argument(..., help="The user message (sent to the chat route)."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they come."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature."),
+) -> None:
+    """Ask the endpoint through its router (OpenAI chat route); its API key is used if it has one."""
+    from twinserve.client import LLMClient
+    from twinserve.errors import TwinserveError
+
+    ep = _describe(_manager(), name)
+    if not ep.status.accepts_traffic or ep.url is None:
+        _fail(f"endpoint {name!r} is {ep.status}, not serving")
+    key = ep.config.api_key.get_secret_value() if ep.config.api_key else None
+    messages = [{"role": "user", "content": prompt}]
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if temperature is not None:
+        params["temperature"] = temperature
+    try:
+        with LLMClient(ep.url, api="openai", api_key=key) as client:
+            if stream:
+                for chunk in client.chat_stream(messages, **params):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            else:
+                typer.echo(client.chat(messages, **params).text)
+    except TwinserveError as exc:
+        _fail(exc.message)
+
+
+@app.command("delete")
+def delete_command(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
+    """Drain and stop the router and the replicas, then forget the endpoint (a missing one is fine)."""
+    with err.status(f"deleting endpoint {name!r}"):
+        deleted = _manager().delete(name)
+    out.print(f"endpoint {name!r} deleted" if deleted else f"endpoint {name!r} does not exist; nothing to do")
+
+
+@app.command("logs")
+def logs_command(
+    name: str = typer.Argument(..., help="Endpoint name."),
+    lines: int = typer.Option(50, "--lines", "-n", min=1, help="Last lines of each log."),
+) -> None:
+    """The last lines of each replica's log and of the router's."""
+    from twinserve.errors import NotFoundError
+
+    try:
+        logs = _manager().logs(name, lines)
+    except NotFoundError as exc:
+        _fail(exc.message)
+    for source, text in logs.items():
+        out.print(f"[bold]==> {source} <==[/bold]", highlight=False)
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        sys.stdout.flush()
