@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -28,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 
 from twinserve.endpoints.local_runtime import LocalRuntime
+from twinserve.endpoints.processes import has_option, kill_group, live_cmdline, terminate
 from twinserve.endpoints.router_process import MODULE as ROUTER_MODULE
 from twinserve.endpoints.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaRecord, ReplicaState
 from twinserve.endpoints.state import StateStore
@@ -156,10 +155,10 @@ class EndpointManager:
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    _kill_group(proc.pid)
+                    kill_group(proc.pid)
                     proc.wait(10)
         elif endpoint.router_pid is not None and router_is_ours(endpoint):
-            _terminate(endpoint.router_pid, timeout)
+            terminate(endpoint.router_pid, timeout)
 
     # ------------------------------------------------------------ read
     def describe(self, name: str) -> Endpoint:
@@ -233,40 +232,10 @@ class EndpointManager:
 
 def router_is_ours(endpoint: Endpoint) -> bool:
     """The recorded router pid still runs our router module for this endpoint (pids are reused)."""
-    if endpoint.router_pid is None:
-        return False
-    try:
-        proc = psutil.Process(endpoint.router_pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    pairs = list(zip(cmdline, cmdline[1:], strict=False))
-    return ROUTER_MODULE in cmdline and ("--endpoint", endpoint.name) in pairs
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM (the router drains and exits 0), then SIGKILL to its process group if it overstays."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _running(pid):
-        _kill_group(pid)
+    cmdline = live_cmdline(endpoint.router_pid)
+    return (
+        cmdline is not None and ROUTER_MODULE in cmdline and has_option(cmdline, "--endpoint", endpoint.name)
+    )
 
 
 def _tail(path: Path, lines: int) -> str:

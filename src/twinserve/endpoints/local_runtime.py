@@ -12,17 +12,14 @@ which `ps` shows to every user.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
-import time
 from collections import deque
 from pathlib import Path
 
 import httpx
-import psutil
 
 from twinserve.config import get_settings
+from twinserve.endpoints.processes import has_option, live_cmdline, terminate
 from twinserve.endpoints.runtime import ReplicaStartError
 from twinserve.endpoints.spec import EndpointConfig, ReplicaRecord, ReplicaState, VariantConfig, utcnow
 from twinserve.endpoints.state import StateStore
@@ -122,7 +119,7 @@ class LocalRuntime:
         if proc is not None:
             proc.stop(timeout=drain_timeout + _EXIT_GRACE_S)
         elif record.pid is not None and _is_ours(record):
-            _terminate(record.pid, drain_timeout + _EXIT_GRACE_S)
+            terminate(record.pid, drain_timeout + _EXIT_GRACE_S)
         self.store.remove_replica(record.id)
 
     def replica_alive(self, record: ReplicaRecord) -> bool:
@@ -165,40 +162,11 @@ def _observed_state(record: ReplicaRecord) -> ReplicaState:
 
 def _is_ours(record: ReplicaRecord) -> bool:
     """The pid is alive (not a zombie) and still runs `twinserve serve … --port <port>`."""
-    if record.pid is None:
+    cmdline = live_cmdline(record.pid)
+    if cmdline is None:
         return False
-    try:
-        proc = psutil.Process(record.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    pairs = zip(cmdline, cmdline[1:], strict=False)
-    port_given = any(a == "--port" and b == str(record.port) for a, b in pairs)
+    port_given = has_option(cmdline, "--port", str(record.port))
     return port_given and "serve" in cmdline and any("twinserve" in a for a in cmdline)
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM (serve drains, exits 0), then SIGKILL to its process group if it overstays."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    # the group too: anything the replica spawned goes with it (pgid == pid: its own session)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _healthy(url: str) -> bool:
