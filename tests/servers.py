@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import psutil
 import uvicorn
 
 from tests.factories import SMALL_LIMITS
 from twinserve.config import ServeConfig
 from twinserve.server.app import create_app
-from twinserve.server.process import ServerProcess, free_port
+from twinserve.server.process import ServerProcess, free_port, wait_until_healthy
 from twinserve.server.service import ModelService
 
 
@@ -60,13 +60,8 @@ def thread_server(config: ServeConfig, timeout: float = 120.0) -> Iterator[Threa
 
 
 def wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not healthy after {timeout}s")
+    if not wait_until_healthy(url, timeout):
+        raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
 @contextlib.contextmanager
@@ -85,3 +80,12 @@ def process_server(
         yield server
     finally:
         server.kill()
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie whose parent is not us (reaping orphans is init's job)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid()
+    except psutil.NoSuchProcess:
+        return True

@@ -20,13 +20,9 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.processes import has_option, kill_group, live_cmdline, terminate
@@ -34,7 +30,7 @@ from twinserve.endpoints.router_process import MODULE as ROUTER_MODULE
 from twinserve.endpoints.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaRecord, ReplicaState
 from twinserve.endpoints.state import StateStore
 from twinserve.errors import ModelLoadError, NotFoundError
-from twinserve.server.process import free_port
+from twinserve.server.process import free_port, is_healthy, tail_lines, wait_until_healthy
 
 Progress = Callable[[str], None]
 
@@ -134,16 +130,12 @@ class EndpointManager:
         self.store.update_endpoint(
             config.name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
         )
-        deadline = time.monotonic() + _ROUTER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ModelLoadError(f"the router exited with {proc.returncode}:\n{_tail(log_path, 20)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
+        if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None):
+            return
+        if proc.poll() is not None:
+            raise ModelLoadError(f"the router exited with {proc.returncode}:\n{tail_lines(log_path, 20)}")
         raise ModelLoadError(
-            f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{_tail(log_path, 20)}"
+            f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{tail_lines(log_path, 20)}"
         )
 
     def _stop_router(self, endpoint: Endpoint) -> None:
@@ -187,12 +179,7 @@ class EndpointManager:
 
     def router_alive(self, endpoint: Endpoint) -> bool:
         """The recorded router process is running and its `/health` is 200."""
-        if endpoint.url is None or not router_is_ours(endpoint):
-            return False
-        try:
-            return httpx.get(f"{endpoint.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return endpoint.url is not None and router_is_ours(endpoint) and is_healthy(endpoint.url)
 
     def logs(self, name: str, lines: int = 50) -> dict[str, str]:
         """The last `lines` of each replica's log and of the router's (key `router`); NotFoundError."""
@@ -201,7 +188,7 @@ class EndpointManager:
         for label, file in (("router", ROUTER_LOG), ("control", PROVISION_LOG)):
             path = self.endpoint_dir(name) / file
             if path.exists():
-                out[label] = _tail(path, lines)
+                out[label] = tail_lines(path, lines)
         return out
 
     # ------------------------------------------------------------ delete
@@ -236,11 +223,6 @@ def router_is_ours(endpoint: Endpoint) -> bool:
     return (
         cmdline is not None and ROUTER_MODULE in cmdline and has_option(cmdline, "--endpoint", endpoint.name)
     )
-
-
-def _tail(path: Path, lines: int) -> str:
-    with path.open(errors="replace") as f:
-        return "".join(deque(f, maxlen=lines))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections import deque
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from twinserve.endpoints.runtime import ReplicaStartError
 from twinserve.endpoints.spec import EndpointConfig, ReplicaRecord, ReplicaState, VariantConfig, utcnow
 from twinserve.endpoints.state import StateStore
 from twinserve.errors import ModelLoadError, NotFoundError
-from twinserve.server.process import ServerProcess, free_port
+from twinserve.server.process import ServerProcess, free_port, is_healthy, tail_lines
 
 # after the drain, the engine stops and the interpreter exits: a few seconds more before SIGKILL
 _EXIT_GRACE_S = 10.0
@@ -142,11 +141,8 @@ class LocalRuntime:
 def _log_tail(path: Path, lines: int, *, skip_probes: bool = False) -> str:
     """The last `lines` lines; `skip_probes` drops the access lines of our own /health polling,
     which would otherwise push the reason a replica failed out of the tail."""
-    if not path.exists():
-        return ""
-    with path.open(errors="replace") as f:
-        kept = (line for line in f if not (skip_probes and '"path": "/health"' in line))
-        return "".join(deque(kept, maxlen=lines))
+    keep = (lambda line: '"path": "/health"' not in line) if skip_probes else None
+    return tail_lines(path, lines, keep=keep)
 
 
 def _observed_state(record: ReplicaRecord) -> ReplicaState:
@@ -170,10 +166,7 @@ def _is_ours(record: ReplicaRecord) -> bool:
 
 
 def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=_PROBE_TIMEOUT_S).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return is_healthy(url, _PROBE_TIMEOUT_S)
 
 
 def _model_version(url: str) -> str | None:

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +29,35 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    """`GET {url}/health` answers 200 (a server, a replica or a router)."""
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until_healthy(url: str, timeout: float, *, gone: Callable[[], bool] = lambda: False) -> bool:
+    """Poll until `/health` is 200 (True); False at the timeout or as soon as `gone()` says the
+    process behind the URL has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone():
+            return False
+        if is_healthy(url):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def tail_lines(path: Path, lines: int, *, keep: Callable[[str], bool] | None = None) -> str:
+    """The last `lines` lines of a log file (those `keep` accepts), or "" when it doesn't exist."""
+    if not path.exists():
+        return ""
+    with path.open(errors="replace") as f:
+        return "".join(deque((line for line in f if keep is None or keep(line)), maxlen=lines))
 
 
 class ServerProcess:
@@ -55,20 +86,16 @@ class ServerProcess:
 
     def wait_healthy(self, timeout: float = 300.0) -> None:
         """Block until `/health` is 200; ModelLoadError with the log's tail if it dies or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ModelLoadError(f"the server exited with {self.proc.returncode}: {self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
+        if wait_until_healthy(self.url, timeout, gone=lambda: self.proc.poll() is not None):
+            return
+        if self.proc.poll() is not None:
+            raise ModelLoadError(f"the server exited with {self.proc.returncode}: {self.log_tail()}")
         raise ModelLoadError(f"the server was not healthy after {timeout:.0f}s: {self.log_tail()}")
 
     def log_tail(self, lines: int = 10) -> str:
-        if self.log_path is None or not self.log_path.exists():
+        if self.log_path is None:
             return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return tail_lines(self.log_path, lines).rstrip("\n") or "(no log)"
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (the server drains and exits 0), SIGKILL to the group if it overstays."""

@@ -241,14 +241,6 @@ class ModelService:
             model_revision=self.resolved.revision,
             registry_name=self.resolved.registry_name,
             registry_version=self.resolved.registry_version,
-            prompt_template=_template_label(self.resolved),
+            prompt_template=self.resolved.card.template_label() if self.resolved.card else "tokenizer",
             weights_sha256=loaded.weights_sha256 if loaded else "",
         )
-
-
-def _template_label(resolved: ResolvedModel) -> str:
-    """Which chat template the server renders chats with (for /info)."""
-    card = resolved.card
-    if card is None or card.prompt_template is None:
-        return "tokenizer"
-    return card.prompt_template if "{" not in card.prompt_template else "custom (model card)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.servers import process_gone
 from twinserve.client import LLMClient
 from twinserve.endpoints.control import EndpointManager, router_is_ours
 from twinserve.endpoints.local_runtime import LocalRuntime
@@ -46,15 +46,6 @@ def _config(model: Path, name: str, *, replicas: int = 1, api_key: str | None = 
             ],
         }
     )
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie whose parent is not us (reaping orphans is init's job)."""
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid()
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_create_invoke_delete(manager: EndpointManager, tiny_model_dir: Path) -> None:
@@ -100,7 +91,7 @@ def test_create_invoke_delete(manager: EndpointManager, tiny_model_dir: Path) ->
 
     pids = [r.pid for r in described.replicas if r.pid] + [endpoint.router_pid]
     assert manager.delete("twin") is True
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     with pytest.raises(NotFoundError):
         manager.describe("twin")
     assert manager.store.replicas("twin") == []
@@ -131,7 +122,7 @@ def test_broken_model_fails_with_reason_and_leaves_nothing(
     assert info.value.log_tail in endpoint.failure_reason
     assert manager.store.replicas("half-broken") == []
     assert endpoint.router_pid is None
-    assert info.value.record.pid is not None and _gone(info.value.record.pid)
+    assert info.value.record.pid is not None and process_gone(info.value.record.pid)
     children = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     assert children == []
     assert manager.delete("half-broken") is True
@@ -153,4 +144,4 @@ def test_no_wait_create_finishes_in_a_detached_process(
     assert "InService" in manager.logs("later")["control"]
     pids = [r.pid for r in endpoint.replicas if r.pid] + [endpoint.router_pid]
     assert manager.delete("later")  # router and replica were started by another process: stopped by pid
-    assert all(_gone(pid) for pid in pids if pid)
+    assert all(process_gone(pid) for pid in pids if pid)

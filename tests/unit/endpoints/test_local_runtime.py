@@ -11,6 +11,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.servers import process_gone
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.runtime import ReplicaStartError, Runtime
 from twinserve.endpoints.spec import EndpointConfig, ReplicaRecord, ReplicaState
@@ -48,15 +49,6 @@ def _config(model: Path, name: str = "tiny") -> EndpointConfig:
             ],
         }
     )
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie whose parent is not us (reaping orphans is init's job)."""
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid()
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_start_probe_find_stop(home: Path, tiny_model_dir: Path) -> None:
@@ -126,7 +118,7 @@ def test_replica_outlives_its_starter_and_is_stopped_by_another(home: Path, tiny
         assert runtime.replica_alive(record)
     finally:
         runtime.stop_replica(record, drain_timeout=2)
-    assert record.pid is not None and _gone(record.pid)
+    assert record.pid is not None and process_gone(record.pid)
     assert runtime.find_replicas("detached") == []
 
 
