@@ -25,12 +25,11 @@ $(STAMP): pyproject.toml
 model: venv
 	$(BIN)/twinserve model default
 
-# serves the default model, streams one chat answer through the OpenAI route, stops the server
-# registers the default model as llm-twin@champion (once), serves it by that reference, streams
-# one chat answer through the OpenAI route, stops the server
+# the mission on the embedded defaults: registers the default model as llm-twin@champion (once),
+# deploys it as endpoint `twin` (autoscaling 1..2 replicas behind one router URL), streams one
+# answer through it, prints the URL and curl commands, serves until Ctrl-C, then deletes it
 up: venv model
-	$(BIN)/twinserve registry import-default
-	$(BIN)/twinserve demo --model models:/llm-twin@champion
+	$(BIN)/twinserve up
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ TwinserveError
 │   ├── OverloadedError       429  queue or concurrency limit reached; retry later
 │   ├── NotFoundError         404  unknown model, file or reference
 │   ├── ConflictError         409  the thing changed meanwhile, or already exists
+│   │   └── BusyError         409  another operation holds it now; retry when it is done
 │   ├── UnauthorizedError     401  missing or wrong API key
 │   └── PayloadTooLargeError  413  request body over the payload limit
 └── ServerError               twinserve or the model failed; not the caller's fault
@@ -70,6 +71,12 @@ class ConflictError(ClientError):
 
     status_code = 409
     error_type = "conflict"
+
+
+class BusyError(ConflictError):
+    """Another operation holds the thing (e.g. an endpoint being updated); it is worth waiting for."""
+
+    error_type = "busy"
 
 
 class UnauthorizedError(ClientError):

@@ -1,43 +1,71 @@
-"""The control plane of real-time endpoints on one machine: create, describe, list, delete, logs.
+"""The control plane of real-time endpoints on one machine.
 
 ```
-create:  store Creating ─► start every variant's replicas (threads) ─► start the router process
-         ─► router /health 200 ─► InService
-         any failure ─► stop what was started ─► Failed (reason: the replica's log tail) ─► raise
-delete:  Deleting ─► stop the router (drains) ─► stop every replica (drains) ─► forget the state
+create:    Creating ─► replicas (healthy) ─► router ─► controller ─► InService
+           any failure ─► stop what was started ─► Failed (reason: the replica's log tail) ─► raise
+update:    Updating ─► green replicas (generation N+1) healthy in the router ─► traffic to green in
+           steps (canary %, bake) ─► commit ─► blue drained and stopped ─► InService
+           green fails to start, dies or errors while baking ─► RollingBack ─► green stopped ─►
+           InService on blue, reason recorded ─► raise UpdateRolledBackError
+scale:     Updating ─► start (or drain and stop) replicas of one variant ─► event ─► InService
+reconcile: recover an interrupted operation, retire stale generations, replace dead replicas,
+           meet desired counts, restart a dead router (same URL) and controller
+delete:    Deleting ─► controller, router (drains), every replica (drains) ─► state forgotten
 ```
-Everything lives in processes that outlive the caller (replicas and the router run in their
-own sessions), so a later CLI process acts from the state store alone. `create(wait=False)`
-hands the start-up to a detached `python -m twinserve.endpoints.control provision NAME`.
-
-Not yet here: update (blue/green), scale, autoscaling, reconciling after a crash.
+Everything lives in processes that outlive the caller, so any later CLI process (or the
+endpoint's controller) acts from the state store alone. One operation holds an endpoint at a
+time (`StateStore.begin_operation`); an operation whose process died is recovered by
+`reconcile`, which the controller runs every few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from twinserve.endpoints.daemons import Daemon
 from twinserve.endpoints.local_runtime import LocalRuntime
-from twinserve.endpoints.processes import has_option, kill_group, live_cmdline, terminate
+from twinserve.endpoints.processes import running
+from twinserve.endpoints.router_client import RouterClient
 from twinserve.endpoints.router_process import MODULE as ROUTER_MODULE
-from twinserve.endpoints.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaRecord, ReplicaState
+from twinserve.endpoints.spec import (
+    Endpoint,
+    EndpointConfig,
+    EndpointStatus,
+    ReplicaRecord,
+    ReplicaState,
+    ScalingEvent,
+    VariantConfig,
+    VariantState,
+)
 from twinserve.endpoints.state import StateStore
-from twinserve.errors import ModelLoadError, NotFoundError
+from twinserve.errors import BusyError, ModelLoadError, NotFoundError, ValidationError
 from twinserve.server.process import free_port, is_healthy, tail_lines, wait_until_healthy
 
 Progress = Callable[[str], None]
 
+CONTROLLER_MODULE = "twinserve.endpoints.controller"
 ROUTER_LOG = "router.log"
+CONTROLLER_LOG = "controller.log"
 PROVISION_LOG = "control.log"
 _ROUTER_START_TIMEOUT_S = 60.0
+_ROUTER_SEES_S = 15.0  # how long the router may take to see a replica change (sync 0.5 s + health)
 _EXIT_GRACE_S = 10.0
+_UNHEALTHY_GRACE_S = 30.0  # a live replica failing /health this long is replaced
+_BUSY_WAIT_S = 120.0  # a user's update/scale waits this long for a running operation to end
+
+
+class UpdateRolledBackError(ModelLoadError):
+    """The new version did not become healthy (or failed while baking); the old one still serves."""
+
+    error_type = "update_rolled_back"
 
 
 def _quiet(_: str) -> None:
@@ -45,7 +73,7 @@ def _quiet(_: str) -> None:
 
 
 class EndpointManager:
-    """Create, inspect and delete local endpoints; state in a `StateStore`, replicas by a `LocalRuntime`.
+    """Create, update, scale, reconcile and delete local endpoints; state in a `StateStore`.
 
     `delete` of a missing endpoint is not an error (it returns False): deleting is idempotent,
     so a retried or concurrent delete never fails.
@@ -54,103 +82,136 @@ class EndpointManager:
     def __init__(self, store: StateStore | None = None, runtime: LocalRuntime | None = None) -> None:
         self.store = store or (runtime.store if runtime is not None else StateStore())
         self.runtime = runtime or LocalRuntime(self.store, home=self.store.path.parent.parent)
-        # routers started by this process: waited on, so none lingers as a zombie here
-        self._routers: dict[str, subprocess.Popen[bytes]] = {}
+        self.router = Daemon(ROUTER_MODULE, ROUTER_LOG)
+        self.controller = Daemon(CONTROLLER_MODULE, CONTROLLER_LOG)
+        self._unhealthy_since: dict[str, float] = {}
 
     def endpoint_dir(self, name: str) -> Path:
         return self.runtime.logs_root / name
 
+    @property
+    def home(self) -> Path:
+        return self.runtime.logs_root.parent
+
     # ------------------------------------------------------------ create
-    def create(self, config: EndpointConfig, *, wait: bool = True, progress: Progress = _quiet) -> Endpoint:
+    def create(
+        self,
+        config: EndpointConfig,
+        *,
+        wait: bool = True,
+        controller: bool = True,
+        progress: Progress = _quiet,
+    ) -> Endpoint:
         """Create the endpoint; with `wait`, return it InService (or raise, leaving it Failed).
 
         ConflictError if the name exists. Without `wait`, return it Creating while a detached
-        process starts it (follow with `describe`).
+        process starts it (follow with `describe`). `controller=False` runs no controller
+        (no autoscaling, no replacement of dead replicas): for tests and one-shot jobs.
         """
-        self.store.put_endpoint(Endpoint.new(config))
+        new = Endpoint.new(config).model_copy(update={"operation": "create", "operation_pid": os.getpid()})
+        self.store.put_endpoint(new)
         progress(f"endpoint {config.name!r} is Creating")
         if not wait:
-            self._provision_detached(config.name)
+            self._provision_detached(config.name, controller)
             return self.store.get_endpoint(config.name)
-        return self.provision(config.name, progress=progress)
+        return self.provision(config.name, controller=controller, progress=progress)
 
-    def provision(self, name: str, *, progress: Progress = _quiet) -> Endpoint:
-        """Start the replicas and the router of a Creating endpoint; InService, or Failed and raise."""
-        config = self.store.get_endpoint(name).config
+    def provision(self, name: str, *, controller: bool = True, progress: Progress = _quiet) -> Endpoint:
+        """Start the replicas, router and controller of a Creating endpoint; InService, or Failed and raise."""
+        endpoint = self.store.begin_operation(name, "create", force=True)  # this process takes over
+        config = endpoint.config
         try:
-            self._start_replicas(config, progress)
+            self._start_replicas(config, [(v, v.replicas) for v in config.variants], 1, progress)
             progress("starting the router")
-            self._start_router(config)
+            self._start_router(self.store.get_endpoint(name))
             progress("router is up")
+            if controller:
+                self._start_controller(name)
         except BaseException as exc:  # Ctrl-C included: nothing may be left running
             reason = str(exc) or type(exc).__name__
             progress("start-up failed; stopping what was started")
             self._stop_all(name, config.drain_timeout_s)
             with contextlib.suppress(NotFoundError):
-                self.store.update_status(name, EndpointStatus.FAILED, reason)
+                self.store.end_operation(name, EndpointStatus.FAILED, reason=reason)
             raise
-        self.store.update_status(name, EndpointStatus.IN_SERVICE)
+        self.store.end_operation(name, EndpointStatus.IN_SERVICE, clear_failure=True)
         progress(f"endpoint {name!r} is InService")
         return self.describe(name)
 
-    def _start_replicas(self, config: EndpointConfig, progress: Progress) -> None:
-        jobs = [v for v in config.variants for _ in range(v.replicas)]
-        progress(f"starting {len(jobs)} replica(s)")
+    def _start_replicas(
+        self,
+        config: EndpointConfig,
+        counts: Iterable[tuple[VariantConfig, int]],
+        generation: int,
+        progress: Progress,
+    ) -> list[ReplicaRecord]:
+        """Start replicas in parallel and wait for all; raise the first failure (after all settled)."""
+        jobs = [v for v, n in counts for _ in range(n)]
+        if not jobs:
+            return []
+        progress(f"starting {len(jobs)} replica(s) of generation {generation}")
+        started: list[ReplicaRecord] = []
+        errors: list[BaseException] = []
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="replica-start") as pool:
-            futures = [pool.submit(self.runtime.start_replica, config, v) for v in jobs]
-            errors: list[BaseException] = []
+            futures = [
+                pool.submit(self.runtime.start_replica, config, v, generation=generation) for v in jobs
+            ]
             for future in futures:  # wait for all: a replica still starting must not be orphaned
                 try:
                     record = future.result()
-                    progress(f"replica {record.id} is healthy ({record.url})")
+                    started.append(record)
+                    progress(f"replica {record.id} is healthy ({record.url}, {record.model_version or '?'})")
                 except BaseException as exc:
                     errors.append(exc)
         if errors:
             raise errors[0]
+        return started
 
-    def _provision_detached(self, name: str) -> None:
+    def _provision_detached(self, name: str, controller: bool) -> None:
         log_path = self.endpoint_dir(name) / PROVISION_LOG
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", __name__, "provision", name, "--state", str(self.store.path)]
-        cmd += ["--home", str(self.runtime.logs_root.parent)]
+        cmd += ["--home", str(self.home)] + ([] if controller else ["--no-controller"])
         with log_path.open("wb") as out:
             subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    # ------------------------------------------------------------ router process
-    def _start_router(self, config: EndpointConfig) -> None:
-        port = free_port()
-        log_path = self.endpoint_dir(config.name) / ROUTER_LOG
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", ROUTER_MODULE, "--endpoint", config.name, "--port", str(port)]
-        cmd += ["--state", str(self.store.path), "--drain", f"{config.drain_timeout_s:g}"]
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self._routers[config.name] = proc
+    # ------------------------------------------------------------ router and controller processes
+    def _start_router(self, endpoint: Endpoint) -> None:
+        """Start the router; on the port of its recorded URL when that is free (the URL is stable)."""
+        port = _port_of(endpoint.url) if endpoint.url else None
+        if port is None or not _port_free(port):
+            port = free_port()
+        name, drain = endpoint.name, endpoint.config.drain_timeout_s
+        args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
+        proc = self.router.start(name, args, self.endpoint_dir(name))
         url = f"http://127.0.0.1:{port}"
         self.store.update_endpoint(
-            config.name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
+            name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
         )
         if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None):
             return
+        log_tail = tail_lines(self.endpoint_dir(name) / ROUTER_LOG, 20)
         if proc.poll() is not None:
-            raise ModelLoadError(f"the router exited with {proc.returncode}:\n{tail_lines(log_path, 20)}")
+            raise ModelLoadError(f"the router exited with {proc.returncode}:\n{log_tail}")
         raise ModelLoadError(
-            f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{tail_lines(log_path, 20)}"
+            f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{log_tail}"
         )
 
-    def _stop_router(self, endpoint: Endpoint) -> None:
-        proc = self._routers.pop(endpoint.name, None)
-        timeout = endpoint.config.drain_timeout_s + _EXIT_GRACE_S
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    kill_group(proc.pid)
-                    proc.wait(10)
-        elif endpoint.router_pid is not None and router_is_ours(endpoint):
-            terminate(endpoint.router_pid, timeout)
+    def _start_controller(self, name: str) -> None:
+        args = ["--state", str(self.store.path), "--home", str(self.home)]
+        proc = self.controller.start(name, args, self.endpoint_dir(name))
+        self.store.update_endpoint(name, lambda ep: ep.model_copy(update={"controller_pid": proc.pid}))
+
+    def router_alive(self, endpoint: Endpoint) -> bool:
+        """The recorded router process is running and its `/health` is 200."""
+        return (
+            endpoint.url is not None
+            and self.router.is_ours(endpoint.router_pid, endpoint.name)
+            and is_healthy(endpoint.url)
+        )
+
+    def controller_alive(self, endpoint: Endpoint) -> bool:
+        return self.controller.is_ours(endpoint.controller_pid, endpoint.name)
 
     # ------------------------------------------------------------ read
     def describe(self, name: str) -> Endpoint:
@@ -161,7 +222,8 @@ class EndpointManager:
             v.model_copy(
                 update={
                     "current_replicas": sum(
-                        r.variant == v.name and r.state is ReplicaState.HEALTHY for r in replicas
+                        r.variant == v.name and r.generation == endpoint.generation and r.state.serves
+                        for r in replicas
                     )
                 }
             )
@@ -169,7 +231,7 @@ class EndpointManager:
         ]
         return endpoint.model_copy(update={"replicas": replicas, "variants": variants})
 
-    def list(self) -> list[Endpoint]:
+    def list_endpoints(self) -> list[Endpoint]:
         """Every endpoint, described (replicas probed now)."""
         found = []
         for endpoint in self.store.list_endpoints():
@@ -177,25 +239,401 @@ class EndpointManager:
                 found.append(self.describe(endpoint.name))
         return found
 
-    def router_alive(self, endpoint: Endpoint) -> bool:
-        """The recorded router process is running and its `/health` is 200."""
-        return endpoint.url is not None and router_is_ours(endpoint) and is_healthy(endpoint.url)
+    def events(self, name: str, limit: int | None = 20) -> list[ScalingEvent]:
+        self.store.get_endpoint(name)  # NotFoundError
+        return self.store.events(name, limit=limit)
 
     def logs(self, name: str, lines: int = 50) -> dict[str, str]:
-        """The last `lines` of each replica's log and of the router's (key `router`); NotFoundError."""
+        """The last `lines` of each replica's log, the router's, the controller's; NotFoundError."""
         endpoint = self.store.get_endpoint(name)
         out = {r.id: self.runtime.replica_logs(r, lines) for r in endpoint.replicas}
-        for label, file in (("router", ROUTER_LOG), ("control", PROVISION_LOG)):
+        for label, file in (
+            ("router", ROUTER_LOG),
+            ("controller", CONTROLLER_LOG),
+            ("control", PROVISION_LOG),
+        ):
             path = self.endpoint_dir(name) / file
             if path.exists():
                 out[label] = tail_lines(path, lines)
         return out
 
+    def _begin(
+        self,
+        name: str,
+        operation: str,
+        status: EndpointStatus,
+        allowed: Callable[[Endpoint], str | None],
+        wait_s: float = _BUSY_WAIT_S,
+    ) -> Endpoint:
+        """Take the endpoint, waiting up to `wait_s` while another operation (e.g. the
+        controller's reconcile or an autoscaling step) holds it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.store.begin_operation(name, operation, status, allowed=allowed)
+            except BusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    # ------------------------------------------------------------ update (blue/green)
+    def update(
+        self,
+        name: str,
+        target: EndpointConfig,
+        *,
+        canary_percent: Iterable[float] = (),
+        bake_s: float = 0.0,
+        progress: Progress = _quiet,
+    ) -> Endpoint:
+        """Blue/green: serve `target` with no request dropped; roll back if it does not come up.
+
+        Green gets the replica count each same-named variant has now (autoscaling's choice
+        survives an update). Traffic moves to green through `canary_percent` steps, each held
+        `bake_s` seconds while green's replicas must stay healthy and error-free, then 100%.
+        Raises UpdateRolledBackError after a rollback (the endpoint is InService on the old
+        generation, the reason in `failure_reason`); ConflictError while another operation runs.
+        """
+        if target.name != name:
+            raise ValidationError(f"the config is for endpoint {target.name!r}, not {name!r}")
+        steps = sorted({float(p) for p in canary_percent if 0 < float(p) < 100}) + [100.0]
+        ep = self._begin(name, "update", EndpointStatus.UPDATING, _can_update)
+        generation = ep.generation + 1
+        counts = [(v, _initial_count(ep, v, target)) for v in target.variants]
+        self.store.update_endpoint(
+            name, lambda e: e.model_copy(update={"target": target, "target_share": 0.0})
+        )
+        progress(f"endpoint {name!r} is Updating to generation {generation}")
+        green: list[ReplicaRecord] = []
+        try:
+            green = self._start_replicas(target, counts, generation, progress)
+            router = RouterClient(self.store.get_endpoint(name))
+            if not router.wait_healthy([r.id for r in green], _ROUTER_SEES_S):
+                raise ModelLoadError("the router did not see the new replicas healthy")
+            for percent in steps:
+                self._shift(name, router, percent / 100, progress)
+                if percent < 100:
+                    self._bake(name, router, green, bake_s, progress)
+        except BaseException as exc:
+            self._roll_back(name, generation, exc, progress)
+            if isinstance(exc, Exception):
+                raise UpdateRolledBackError(
+                    f"update of {name!r} to generation {generation} failed and was rolled back: {exc}"
+                ) from exc
+            raise
+        # commit: green becomes the serving generation; blue becomes stale (weight 0) and leaves
+        variants = [VariantState(name=v.name, desired_replicas=n) for v, n in counts]
+        self.store.update_endpoint(
+            name,
+            lambda e: e.model_copy(
+                update={
+                    "config": target,
+                    "generation": generation,
+                    "target": None,
+                    "target_share": 0.0,
+                    "variants": variants,
+                }
+            ),
+        )
+        blue = [r for r in self.store.replicas(name) if r.generation < generation]
+        progress(f"draining {len(blue)} replica(s) of generation {generation - 1}")
+        self._retire(name, blue, ep.config.drain_timeout_s)
+        self.store.end_operation(name, EndpointStatus.IN_SERVICE, clear_failure=True)
+        progress(f"endpoint {name!r} is InService on generation {generation}")
+        return self.describe(name)
+
+    def config_with_model(self, name: str, model: str, *, variant: str | None = None) -> EndpointConfig:
+        """The serving config with `model` in `variant` (default: the first), every variant at its
+        current desired replica count: what `endpoint update NAME --model REF` rolls out."""
+        ep = self.store.get_endpoint(name)
+        chosen = variant or ep.config.variants[0].name
+        ep.config.variant(chosen)  # KeyError for an unknown variant
+        variants = [
+            v.model_copy(
+                update={"replicas": ep.desired(v.name), **({"model": model} if v.name == chosen else {})}
+            )
+            for v in ep.config.variants
+        ]
+        return EndpointConfig.from_dict(
+            {
+                **ep.config.to_dict(reveal_secrets=True),
+                "variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
+            }
+        )
+
+    def _shift(self, name: str, router: RouterClient, share: float, progress: Progress) -> None:
+        ep = self.store.update_endpoint(name, lambda e: e.model_copy(update={"target_share": share}))
+        if not router.wait_weights(ep.traffic_weights(), _ROUTER_SEES_S):
+            raise ModelLoadError("the router did not take the new traffic weights")
+        progress(f"traffic: {share:.0%} to generation {ep.generation + 1}")
+
+    def _bake(
+        self, name: str, router: RouterClient, green: list[ReplicaRecord], bake_s: float, progress: Progress
+    ) -> None:
+        """Hold the canary step: every green replica stays alive, healthy and error-free."""
+        if bake_s <= 0:
+            return
+        progress(f"baking for {bake_s:g}s")
+        ids = {r.id for r in green}
+        base = {r["id"]: r["failures"] for r in router.replicas() if r["id"] in ids}
+        deadline = time.monotonic() + bake_s
+        while time.monotonic() < deadline:
+            for record in green:
+                if not self.runtime.replica_alive(record):
+                    raise ModelLoadError(f"replica {record.id} became unhealthy while baking")
+            with contextlib.suppress(Exception):
+                for r in router.replicas():
+                    if r["id"] in ids and r["failures"] > base.get(r["id"], 0):
+                        raise ModelLoadError(
+                            f"replica {r['id']} failed requests while baking: {r['last_error']}"
+                        )
+            time.sleep(0.5)
+
+    def _roll_back(self, name: str, generation: int, exc: BaseException, progress: Progress) -> None:
+        reason = f"update to generation {generation} rolled back: {str(exc) or type(exc).__name__}"
+        progress(f"{reason}; rolling back")
+        with contextlib.suppress(NotFoundError):
+            ep = self.store.update_endpoint(
+                name,
+                lambda e: e.model_copy(update={"status": EndpointStatus.ROLLING_BACK, "target_share": 0.0}),
+            )
+            green = [r for r in self.store.replicas(name) if r.generation >= generation]
+            self._retire(name, green, ep.config.drain_timeout_s)
+            self.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=reason, target=None)
+            progress(f"endpoint {name!r} is InService on generation {generation - 1}")
+
+    # ------------------------------------------------------------ scale
+    def scale(
+        self,
+        name: str,
+        replicas: int,
+        *,
+        variant: str | None = None,
+        event: ScalingEvent | None = None,
+        progress: Progress = _quiet,
+    ) -> Endpoint:
+        """Set a variant's replica count (start, or drain and stop the newest) and record the event.
+
+        A manual scale must stay within the autoscaling bounds (ValidationError). ConflictError
+        while another operation runs. If new replicas fail to start the endpoint stays InService
+        on the ones it has, with the reason recorded, and the error is raised.
+        """
+        ep = self.store.get_endpoint(name)
+        v = ep.config.variant(variant) if variant else ep.config.variants[0]
+        policy = ep.config.autoscaling
+        scaled = event is None and policy is not None and policy.variant in (None, v.name)
+        if scaled and policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+            raise ValidationError(
+                f"{replicas} replicas is outside the autoscaling bounds "
+                f"{policy.min_replicas}..{policy.max_replicas} of {name!r}"
+            )
+        ep = self._begin(
+            name, "scale", EndpointStatus.UPDATING, _can_scale, wait_s=0 if event else _BUSY_WAIT_S
+        )
+        before = ep.desired(v.name)
+        self._set_desired(name, v.name, replicas)
+        self.store.record_event(
+            event
+            or ScalingEvent(
+                endpoint=name,
+                variant=v.name,
+                from_replicas=before,
+                to_replicas=replicas,
+                reason="manual scale",
+            )
+        )
+        progress(f"scaling {name}/{v.name}: {before} → {replicas}")
+        try:
+            self._converge(name, v.name, replicas, ep, progress)
+        except Exception as exc:
+            self.store.end_operation(
+                name, EndpointStatus.IN_SERVICE, reason=f"scaling to {replicas} failed: {exc}"
+            )
+            raise
+        self.store.end_operation(name, EndpointStatus.IN_SERVICE)
+        progress(f"endpoint {name!r} is InService")
+        return self.describe(name)
+
+    def _set_desired(self, name: str, variant: str, replicas: int) -> None:
+        def change(e: Endpoint) -> Endpoint:
+            states = [
+                VariantState(
+                    name=s.name, desired_replicas=replicas if s.name == variant else s.desired_replicas
+                )
+                for s in e.variants
+            ]
+            return e.model_copy(update={"variants": states})
+
+        self.store.update_endpoint(name, change)
+
+    def _converge(self, name: str, variant: str, desired: int, ep: Endpoint, progress: Progress) -> None:
+        """Start or retire replicas of `variant` (serving generation) until `desired` live ones remain."""
+        live = [
+            r
+            for r in self.runtime.find_replicas(name)
+            if r.variant == variant and r.generation == ep.generation and r.state in _LIVE
+        ]
+        if len(live) < desired:
+            started = self._start_replicas(
+                ep.config, [(ep.config.variant(variant), desired - len(live))], ep.generation, progress
+            )
+            if ep.url is not None and started:
+                RouterClient(ep).wait_healthy([r.id for r in started], _ROUTER_SEES_S)
+        elif len(live) > desired:
+            newest_first = sorted(live, key=lambda r: r.started_at, reverse=True)
+            victims = newest_first[: len(live) - desired]
+            progress(f"draining {', '.join(r.id for r in victims)}")
+            self._retire(name, victims, ep.config.drain_timeout_s)
+
+    def _retire(self, name: str, records: list[ReplicaRecord], drain_timeout: float) -> None:
+        """Take replicas out of the router first (it stops sending them requests), then stop them."""
+        if not records:
+            return
+        for record in records:
+            with contextlib.suppress(NotFoundError):
+                current = self.store.get_replica(record.id)
+                self.store.put_replica(current.model_copy(update={"state": ReplicaState.DRAINING}))
+        with contextlib.suppress(NotFoundError, ValueError):
+            ep = self.store.get_endpoint(name)
+            if self.router_alive(ep):
+                RouterClient(ep).wait_not_routed([r.id for r in records], _ROUTER_SEES_S)
+        with ThreadPoolExecutor(max_workers=len(records), thread_name_prefix="replica-stop") as pool:
+            list(pool.map(lambda r: self.runtime.stop_replica(r, drain_timeout), records))
+
+    # ------------------------------------------------------------ reconcile
+    def reconcile(
+        self, name: str, *, ensure_controller: bool = False, progress: Progress = _quiet
+    ) -> list[str]:
+        """Make the processes match the state; returns what it did, in words.
+
+        Recovers an operation whose process died, retires replicas of stale generations,
+        replaces dead replicas (and live ones failing `/health` for 30 s, when called
+        repeatedly by the controller), starts or stops replicas to meet the desired counts,
+        restarts a dead router on the same URL and, with `ensure_controller`, a dead controller.
+        """
+        actions: list[str] = []
+
+        def did(message: str) -> None:
+            actions.append(message)
+            progress(message)
+
+        ep = self.store.get_endpoint(name)
+        if ep.operation is not None:
+            if ep.operation_pid is not None and running(ep.operation_pid):
+                return actions  # someone is working on it
+            self._recover(ep, did)
+            try:
+                ep = self.store.get_endpoint(name)
+            except NotFoundError:
+                return actions
+        if ep.status is not EndpointStatus.IN_SERVICE:
+            return actions
+        if not self._needs_reconcile(ep, ensure_controller):
+            return actions  # the common case: probed, nothing written
+        try:
+            ep = self.store.begin_operation(name, "reconcile")
+        except BusyError:
+            return actions
+        try:
+            self._reconcile_replicas(ep, did)
+            ep = self.store.get_endpoint(name)
+            if not self.router_alive(ep):
+                did("the router was down; restarting it")
+                self._start_router(ep)
+            if ensure_controller and not self.controller_alive(ep):
+                did("the controller was down; restarting it")
+                self._start_controller(name)
+        except Exception as exc:
+            with contextlib.suppress(NotFoundError):
+                self.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=f"reconcile failed: {exc}")
+            raise
+        self.store.end_operation(name, EndpointStatus.IN_SERVICE)
+        return actions
+
+    def _needs_reconcile(self, ep: Endpoint, ensure_controller: bool) -> bool:
+        """A read-only look (probes, no writes): is any replica, the router or the controller off?"""
+        replicas = self.runtime.find_replicas(ep.name)
+        now = time.monotonic()
+        for r in replicas:
+            if r.generation != ep.generation or r.state is ReplicaState.STOPPED:
+                return True
+            if r.state is ReplicaState.UNHEALTHY:
+                if now - self._unhealthy_since.setdefault(r.id, now) >= _UNHEALTHY_GRACE_S:
+                    return True
+            else:
+                self._unhealthy_since.pop(r.id, None)
+        for v in ep.config.variants:
+            if sum(r.variant == v.name and r.state in _LIVE for r in replicas) != ep.desired(v.name):
+                return True
+        if ensure_controller and not self.controller_alive(ep):
+            return True
+        return not self.router_alive(ep)
+
+    def _recover(self, ep: Endpoint, did: Progress) -> None:
+        """Finish or undo what an operation whose process died left behind."""
+        name, op = ep.name, ep.operation
+        did(f"recovering an interrupted {op} (pid {ep.operation_pid} is gone)")
+        if op == "create":
+            self._stop_all(name, ep.config.drain_timeout_s)
+            self.store.end_operation(
+                name,
+                EndpointStatus.FAILED,
+                reason=f"the create was interrupted (pid {ep.operation_pid} stopped)",
+            )
+        elif op == "delete":
+            self.delete(name)
+        elif op == "update" and ep.target is not None:  # not committed: back to the serving generation
+            green = [r for r in self.store.replicas(name) if r.generation > ep.generation]
+            self._retire(name, green, ep.config.drain_timeout_s)
+            self.store.end_operation(
+                name,
+                EndpointStatus.IN_SERVICE,
+                reason="the update was interrupted; rolled back",
+                target=None,
+                target_share=0.0,
+            )
+        else:  # a committed update, a scale, a reconcile: the next steps converge
+            self.store.end_operation(name, EndpointStatus.IN_SERVICE)
+
+    def _reconcile_replicas(self, ep: Endpoint, did: Progress) -> None:
+        name = ep.name
+        replicas = self.runtime.find_replicas(name)
+        stale = [r for r in replicas if r.generation != ep.generation and r.state.is_live]
+        if stale:
+            did(f"retiring {len(stale)} replica(s) of an old generation")
+            self._retire(name, stale, ep.config.drain_timeout_s)
+        now = time.monotonic()
+        for record in replicas:
+            if record.generation != ep.generation:
+                continue
+            if record.state is ReplicaState.STOPPED:
+                did(f"replica {record.id} died; replacing it")
+                self.runtime.stop_replica(record, 0)  # forgets it (and reaps it if it was our child)
+            elif record.state is ReplicaState.UNHEALTHY:
+                since = self._unhealthy_since.setdefault(record.id, now)
+                if now - since >= _UNHEALTHY_GRACE_S:
+                    did(f"replica {record.id} failed /health for {now - since:.0f}s; replacing it")
+                    self._unhealthy_since.pop(record.id, None)
+                    self.runtime.stop_replica(record, 0)
+            else:
+                self._unhealthy_since.pop(record.id, None)
+        for v in ep.config.variants:
+            desired = ep.desired(v.name)
+            live = [
+                r
+                for r in self.runtime.find_replicas(name)
+                if r.variant == v.name and r.generation == ep.generation and r.state in _LIVE
+            ]
+            if len(live) != desired:
+                did(f"{v.name}: {len(live)} live replica(s), {desired} desired")
+                self._converge(name, v.name, desired, ep, did)
+
     # ------------------------------------------------------------ delete
     def delete(self, name: str, *, progress: Progress = _quiet) -> bool:
-        """Drain and stop the router and every replica, then forget the endpoint; False if none existed."""
+        """Stop the controller, drain and stop the router and every replica, forget the endpoint;
+        False if none existed."""
         try:
-            endpoint = self.store.update_status(name, EndpointStatus.DELETING)
+            endpoint = self.store.begin_operation(name, "delete", EndpointStatus.DELETING, force=True)
         except NotFoundError:
             return False
         progress(f"endpoint {name!r} is Deleting")
@@ -205,24 +643,60 @@ class EndpointManager:
         return True
 
     def _stop_all(self, name: str, drain_timeout: float) -> None:
-        """Stop the router first (no new requests reach replicas), then every replica, in parallel."""
+        """Controller first (it would replace what we stop), router next (no new requests reach
+        replicas), then every replica in parallel."""
         with contextlib.suppress(NotFoundError):
-            self._stop_router(self.store.get_endpoint(name))
+            ep = self.store.get_endpoint(name)
+            self.controller.stop(name, ep.controller_pid, _EXIT_GRACE_S)
+            self.router.stop(name, ep.router_pid, drain_timeout + _EXIT_GRACE_S)
         records = self.store.replicas(name)
         if records:
             with ThreadPoolExecutor(max_workers=len(records), thread_name_prefix="replica-stop") as pool:
-                list(pool.map(lambda r: self._stop_replica(r, drain_timeout), records))
-
-    def _stop_replica(self, record: ReplicaRecord, drain_timeout: float) -> None:
-        self.runtime.stop_replica(record, drain_timeout)
+                list(pool.map(lambda r: self.runtime.stop_replica(r, drain_timeout), records))
 
 
-def router_is_ours(endpoint: Endpoint) -> bool:
-    """The recorded router pid still runs our router module for this endpoint (pids are reused)."""
-    cmdline = live_cmdline(endpoint.router_pid)
-    return (
-        cmdline is not None and ROUTER_MODULE in cmdline and has_option(cmdline, "--endpoint", endpoint.name)
-    )
+_LIVE = (ReplicaState.STARTING, ReplicaState.HEALTHY, ReplicaState.UNHEALTHY)
+
+
+def _can_update(ep: Endpoint) -> str | None:
+    if ep.status is EndpointStatus.IN_SERVICE:
+        return None
+    return f"it is {ep.status} (a Failed endpoint is deleted and created again)"
+
+
+def _can_scale(ep: Endpoint) -> str | None:
+    return None if ep.status is EndpointStatus.IN_SERVICE else f"it is {ep.status}, not InService"
+
+
+def _initial_count(ep: Endpoint, variant: VariantConfig, target: EndpointConfig) -> int:
+    """Green's replicas: the target's count, unless autoscaling owns the variant; then what the
+    same-named variant runs now (the autoscaler's choice survives), within the new bounds."""
+    policy = target.autoscaling
+    if policy is None or policy.variant not in (None, variant.name):
+        return variant.replicas
+    names = {v.name for v in ep.config.variants}
+    count = ep.desired(variant.name) if variant.name in names else variant.replicas
+    return min(max(count, policy.min_replicas), policy.max_replicas)
+
+
+def _port_of(url: str) -> int | None:
+    try:
+        return int(url.rsplit(":", 1)[1].split("/")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        # as uvicorn binds: connections of the dead router in TIME_WAIT must not block the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,11 +706,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--no-controller", action="store_true")
     args = parser.parse_args(argv)
     store = StateStore(args.state)
     manager = EndpointManager(store, LocalRuntime(store, home=args.home))
     try:
-        manager.provision(args.name, progress=lambda msg: print(msg, flush=True))
+        manager.provision(
+            args.name, controller=not args.no_controller, progress=lambda msg: print(msg, flush=True)
+        )
     except Exception as exc:
         print(f"failed: {exc}", flush=True)
         raise SystemExit(1) from exc

@@ -67,7 +67,9 @@ class LocalRuntime:
     def log_path(self, endpoint_name: str, replica_id: str) -> Path:
         return self.logs_root / endpoint_name / f"{replica_id}.log"
 
-    def start_replica(self, endpoint: EndpointConfig, variant: VariantConfig) -> ReplicaRecord:
+    def start_replica(
+        self, endpoint: EndpointConfig, variant: VariantConfig, *, generation: int = 1
+    ) -> ReplicaRecord:
         replica_id = f"{endpoint.name}-{variant.name}-{secrets.token_hex(3)}"
         log_path = self.log_path(endpoint.name, replica_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ class LocalRuntime:
             url=proc.url,
             started_at=started_at,
             log_path=str(log_path),
+            generation=generation,
         )
         # recorded before the wait: a CLI killed meanwhile leaves a replica that can be found
         self.store.put_replica(record)

@@ -6,10 +6,13 @@ and body of the LLM microservice — goes to one replica chosen by `ReplicaPool.
 
 Policy:
 - The request body is read whole first (prompts are small), so a request can be re-sent.
-- Retry only what cannot have started: a connect error/timeout, or the replica dropping the
-  connection before any status line. The replica is marked unhealthy and the request goes to
-  another one, at most `max_attempts` replicas in all. Once a status line has arrived the
-  answer is the replica's, errors included: never retried, so no generation runs twice.
+- Retry only what cannot have started: a connect error/timeout, the replica dropping the
+  connection before any status line, or a 503 (a replica answers 503 only while loading,
+  draining or dead: it ran nothing). The replica is marked unhealthy and the request goes to
+  another one, at most `max_attempts` replicas in all (the last 503 is relayed when all
+  fail). Any other status is the replica's answer, errors included: never retried, so no
+  generation runs twice. This is what makes a blue/green switch and a scale-in lossless: a
+  request that races a replica's SIGTERM lands on another replica.
 - No replica can take it: 503 `{"error", "error_type": "unhealthy"}` (OpenAI's error shape
   on `/v1/*`) with `Retry-After: 1`.
 - The response streams through chunk by chunk (SSE arrives token by token). A client that
@@ -160,6 +163,11 @@ class RouterApp:
                 body = {"replicas": [r.model_dump(mode="json") for r in self.pool.snapshot()]}
                 await _json(send, 200, {**body, "weights": self.pool.weights})
             return
+        if method == "GET" and path == "/router/stats":
+            if await self._authorized(scope, send):
+                stats = {k: v.model_dump() for k, v in self.pool.stats().items()}
+                await _json(send, 200, {"groups": stats, "weights": self.pool.weights})
+            return
         if await self._authorized(scope, send):
             await self._proxy(scope, receive, send)
 
@@ -196,6 +204,7 @@ class RouterApp:
     ) -> None:
         tried: list[str] = []
         last_error = "no replica is healthy"
+        refused: tuple[httpx.Response, Replica] | None = None  # the last 503, relayed if all fail
         while len(tried) < self.max_attempts:
             replica = self.pool.acquire(exclude=tried)
             if replica is None:
@@ -219,10 +228,19 @@ class RouterApp:
                     await _error(send, scope, BadGatewayError(f"replica {replica.id} failed: {exc}"))
                     return
                 served = True
+                if response.status_code == 503 and len(tried) < self.max_attempts:
+                    await response.aread()  # small JSON; frees the connection
+                    self.pool.mark_unhealthy(replica, "answered 503 (loading, draining or dead)")
+                    log.info("replica %s answered 503; trying another replica", replica.id)
+                    refused = (response, replica)
+                    continue
                 await self._relay(response, replica, send)
                 return
             finally:
                 self.pool.release(replica, served=served)
+        if refused is not None:
+            await self._relay(*refused, send)
+            return
         await _error(send, scope, EngineDeadError(f"{last_error}; try again"))
 
     async def _relay(self, response: httpx.Response, replica: Replica, send: Send) -> None:
@@ -230,6 +248,9 @@ class RouterApp:
             headers = filter_headers(response.headers.raw)
             headers.append((REPLICA_HEADER.encode(), replica.id.encode()))
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            if response.is_stream_consumed:  # a refused (503) answer, read while retrying
+                await send({"type": "http.response.body", "body": response.content, "more_body": False})
+                return
             try:
                 async for chunk in response.aiter_raw():
                     if chunk:

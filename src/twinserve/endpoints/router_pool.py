@@ -52,6 +52,16 @@ class ReplicaStatus(enum.Enum):
         return self is ReplicaStatus.HEALTHY
 
 
+class GroupStats(BaseModel):
+    """Load of one traffic group (a variant in one generation), for autoscaling."""
+
+    replicas: int = Field(description="Replicas taking requests now (healthy, not draining).")
+    in_flight: int = Field(
+        description="Requests outstanding on the group's replicas, draining ones included."
+    )
+    routed_total: int = Field(description="Requests sent to the group since the router started (monotonic).")
+
+
 class ReplicaInfo(BaseModel):
     """One replica in `GET /router/replicas` and `GET /health`."""
 
@@ -123,6 +133,7 @@ class ReplicaPool:
         self._weights: dict[str, float] = {}
         self._current: dict[str, float] = {}  # smooth weighted round-robin state per variant
         self._tiebreak = itertools.count()
+        self._routed: dict[str, int] = {}  # per variant; survives its replicas leaving the pool
         self.set_replicas(replicas, weights=weights)
 
     # ------------------------------------------------------------ membership
@@ -203,6 +214,7 @@ class ReplicaPool:
             tied = [r for r in group if r.outstanding == least]
             replica = tied[next(self._tiebreak) % len(tied)]
             replica.outstanding += 1
+            self._routed[variant] = self._routed.get(variant, 0) + 1
             return replica
 
     def release(self, replica: Replica, *, served: bool) -> None:
@@ -244,6 +256,19 @@ class ReplicaPool:
     def snapshot(self) -> list[ReplicaInfo]:
         with self._lock:
             return [r.info() for r in self._replicas]
+
+    def stats(self) -> dict[str, GroupStats]:
+        """Per variant (traffic group): capacity, in-flight requests and requests routed so far."""
+        with self._lock:
+            names = {r.spec.variant for r in self._replicas} | set(self._routed)
+            return {
+                name: GroupStats(
+                    replicas=sum(r.spec.variant == name and r.status.takes_requests for r in self._replicas),
+                    in_flight=sum(r.outstanding for r in self._replicas if r.spec.variant == name),
+                    routed_total=self._routed.get(name, 0),
+                )
+                for name in sorted(names)
+            }
 
     @property
     def weights(self) -> dict[str, float]:

@@ -3,8 +3,9 @@
 The router must outlive the CLI that created the endpoint, so it runs detached (its own
 session), serves `create_router_app(pool)` on 127.0.0.1:PORT with uvicorn, and keeps the
 pool in step with the state store: every `--sync-interval` seconds the endpoint's replica
-rows in state starting/healthy become the pool's `ReplicaSpec`s and the variants' weights its
-traffic weights. The store says who *exists*; the pool's own health checker decides who
+rows in state starting/healthy become the pool's `ReplicaSpec`s, grouped by variant and
+generation (`name@N`, so blue and green are separate groups), and `Endpoint.traffic_weights`
+the groups' weights (the variants' weights, shifted to the target during an update). The store says who *exists*; the pool's own health checker decides who
 gets traffic. SIGTERM drains in-flight requests (uvicorn's graceful shutdown) and exits 0.
 """
 
@@ -35,12 +36,12 @@ def sync_pool(store: StateStore, name: str, pool: ReplicaPool) -> bool:
         # deleted meanwhile: the control plane is about to stop us; keep serving what is left
         return False
     specs = [
-        ReplicaSpec(id=r.id, url=r.url, variant=r.variant)
+        ReplicaSpec(id=r.id, url=r.url, variant=r.traffic_group)
         for r in endpoint.replicas
         if r.state in _ROUTED_STATES
     ]
     before = {(r.id, r.url) for r in pool.replicas()}
-    pool.set_replicas(specs, weights={v.name: v.weight for v in endpoint.config.variants})
+    pool.set_replicas(specs, weights=endpoint.traffic_weights())
     return before != {(s.id, s.url) for s in specs}
 
 

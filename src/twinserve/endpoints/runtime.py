@@ -28,8 +28,10 @@ class ReplicaStartError(ModelLoadError):
 class Runtime(Protocol):
     """Runs the replicas of endpoints. Implementations persist records so they outlive the caller."""
 
-    def start_replica(self, endpoint: EndpointConfig, variant: VariantConfig) -> ReplicaRecord:
-        """Start one replica of `variant` and block until it is healthy.
+    def start_replica(
+        self, endpoint: EndpointConfig, variant: VariantConfig, *, generation: int = 1
+    ) -> ReplicaRecord:
+        """Start one replica of `variant` (for config `generation`) and block until it is healthy.
 
         Takes the config (not the stored Endpoint) so a blue/green update can start replicas of
         the target config before it is the endpoint's. Raises ReplicaStartError (with the log

@@ -360,11 +360,6 @@ class EndpointStatus(enum.StrEnum):
         """The router serves requests (an update or a rollback keeps the old replicas serving)."""
         return self in (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING, EndpointStatus.ROLLING_BACK)
 
-    @property
-    def can_update(self) -> bool:
-        """An update, scale or rollback may start (one operation at a time)."""
-        return self in (EndpointStatus.IN_SERVICE, EndpointStatus.FAILED)
-
 
 class ReplicaState(enum.StrEnum):
     """One replica's process, as last seen."""
@@ -403,6 +398,18 @@ class ReplicaRecord(BaseModel):
         None, description="Exact model served once healthy: models:/name/N, or the weights' sha256 prefix."
     )
     log_path: str | None = Field(None, description="File the replica's stdout/stderr go to.")
+    generation: int = Field(
+        1, ge=1, description="Config generation it was started for (an update starts the next one)."
+    )
+
+    @property
+    def traffic_group(self) -> str:
+        """The router's traffic group: its variant in its generation (blue and green differ)."""
+        return traffic_group(self.variant, self.generation)
+
+
+def traffic_group(variant: str, generation: int) -> str:
+    return f"{variant}@{generation}"
 
 
 class VariantState(BaseModel):
@@ -431,6 +438,22 @@ class Endpoint(BaseModel):
     failure_reason: str | None = Field(None, description="Why the last operation failed (e.g. log lines).")
     revision: int = Field(0, ge=0, description="Bumped by each store write; 0 = never stored.")
     replicas: list[ReplicaRecord] = Field(default_factory=list, description="Filled by the store on read.")
+    generation: int = Field(1, ge=1, description="Generation of `config`; each committed update adds one.")
+    target: EndpointConfig | None = Field(
+        None, description="During a blue/green update: the config being rolled out (generation + 1)."
+    )
+    target_share: float = Field(
+        0.0, ge=0, le=1, description="During an update: the share of traffic the target's replicas get."
+    )
+    operation: str | None = Field(
+        None, description="Operation holding the endpoint (create, update, scale, replace, delete)."
+    )
+    operation_pid: int | None = Field(
+        None, ge=1, description="Process running `operation`; a dead one means it was interrupted."
+    )
+    controller_pid: int | None = Field(
+        None, ge=1, description="The endpoint's controller process (autoscaling, replacing replicas)."
+    )
 
     @classmethod
     def new(cls, config: EndpointConfig) -> Endpoint:
@@ -456,7 +479,27 @@ class Endpoint(BaseModel):
     def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         data["config"] = self.config.to_dict(reveal_secrets=reveal_secrets)
+        if self.target is not None:
+            data["target"] = self.target.to_dict(reveal_secrets=reveal_secrets)
         return data
+
+    def traffic_weights(self) -> dict[str, float]:
+        """Weight of each traffic group: the serving generation's variants share `1 - target_share`,
+        the target's `target_share`. Groups not named (stale generations) get 0, so they see
+        traffic only when nothing else can take it."""
+        keep = 1.0 - self.target_share if self.target is not None else 1.0
+        weights = {traffic_group(v.name, self.generation): v.weight * keep for v in self.config.variants}
+        if self.target is not None:
+            for v in self.target.variants:
+                weights[traffic_group(v.name, self.generation + 1)] = v.weight * self.target_share
+        return weights
+
+    def desired(self, variant: str) -> int:
+        """Desired replicas of a variant of the serving config (its initial count if never set)."""
+        for v in self.variants:
+            if v.name == variant:
+                return v.desired_replicas
+        return self.config.variant(variant).replicas
 
 
 class ScalingEvent(BaseModel):

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from twinserve.config import get_settings
+from twinserve.endpoints.processes import running
 from twinserve.endpoints.spec import Endpoint, EndpointStatus, ReplicaRecord, ScalingEvent, utcnow
-from twinserve.errors import ConflictError, NotFoundError
+from twinserve.errors import BusyError, ConflictError, NotFoundError
 
 SCHEMA_VERSION = 1
 
@@ -166,6 +168,60 @@ class StateStore:
             if status is EndpointStatus.IN_SERVICE and reason is None:
                 failure = None
             return ep.model_copy(update={"status": status, "failure_reason": failure})
+
+        return self.update_endpoint(name, change)
+
+    def begin_operation(
+        self,
+        name: str,
+        operation: str,
+        status: EndpointStatus | None = None,
+        *,
+        allowed: Callable[[Endpoint], str | None] | None = None,
+        force: bool = False,
+    ) -> Endpoint:
+        """Take the endpoint for `operation` (this process holds it) and set `status` if given.
+
+        One operation at a time: BusyError while another holds it, whether its process lives
+        (wait for it) or died (reconcile recovers it first). `allowed` may refuse with a
+        reason (e.g. the status does not permit an update); `force` (delete) takes it anyway.
+        """
+
+        def change(ep: Endpoint) -> Endpoint:
+            if not force:
+                if ep.operation is not None:
+                    holder = "running" if ep.operation_pid and running(ep.operation_pid) else "interrupted"
+                    hint = (
+                        "wait for it" if holder == "running" else "`twinserve endpoint reconcile` recovers it"
+                    )
+                    raise BusyError(
+                        f"endpoint {name!r} is busy: a {holder} {ep.operation} (pid {ep.operation_pid}); {hint}"
+                    )
+                refusal = allowed(ep) if allowed is not None else None
+                if refusal is not None:
+                    raise ConflictError(f"endpoint {name!r} cannot {operation}: {refusal}")
+            update: dict[str, object] = {"operation": operation, "operation_pid": os.getpid()}
+            if status is not None:
+                update["status"] = status
+            return ep.model_copy(update=update)
+
+        return self.update_endpoint(name, change)
+
+    def end_operation(
+        self,
+        name: str,
+        status: EndpointStatus,
+        *,
+        reason: str | None = None,
+        clear_failure: bool = False,
+        **changes: object,
+    ) -> Endpoint:
+        """Release the endpoint with `status`; a reason sets `failure_reason`, `clear_failure` drops it."""
+
+        def change(ep: Endpoint) -> Endpoint:
+            failure = reason if reason is not None else (None if clear_failure else ep.failure_reason)
+            update = {"status": status, "failure_reason": failure, "operation": None, "operation_pid": None}
+            return ep.model_copy(update={**update, **changes})
 
         return self.update_endpoint(name, change)
 

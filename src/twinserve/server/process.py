@@ -7,6 +7,7 @@ overhead benchmark, tests (and, later, local endpoint replicas).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -31,10 +32,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@functools.cache
+def probe_client() -> httpx.Client:
+    """One pooled client for health probes: control loops probe every second, and a new client
+    per probe (`httpx.get`) costs more CPU than the probe itself. Thread-safe."""
+    return httpx.Client(timeout=2.0)
+
+
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
     """`GET {url}/health` answers 200 (a server, a replica or a router)."""
     try:
-        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+        return probe_client().get(f"{url}/health", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.servers import process_gone
 from twinserve.client import LLMClient
-from twinserve.endpoints.control import EndpointManager, router_is_ours
+from twinserve.endpoints.control import EndpointManager
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.runtime import ReplicaStartError
 from twinserve.endpoints.spec import EndpointConfig, EndpointStatus, ReplicaState
@@ -55,14 +55,15 @@ def test_create_invoke_delete(manager: EndpointManager, tiny_model_dir: Path) ->
     )
     assert endpoint.status is EndpointStatus.IN_SERVICE
     assert any("InService" in m for m in messages)
-    assert endpoint.url and endpoint.router_pid and router_is_ours(endpoint)
+    assert endpoint.url and endpoint.router_pid and manager.router.is_ours(endpoint.router_pid, "twin")
+    assert manager.controller_alive(endpoint)
     assert manager.router_alive(endpoint)
 
     described = manager.describe("twin")
     assert [r.state for r in described.replicas] == [ReplicaState.HEALTHY] * 2
     assert [(v.desired_replicas, v.current_replicas) for v in described.variants] == [(2, 2)]
     assert all(r.model_version and r.model_version.startswith("sha256:") for r in described.replicas)
-    assert [e.name for e in manager.list()] == ["twin"]
+    assert [e.name for e in manager.list_endpoints()] == ["twin"]
     with pytest.raises(ConflictError):
         manager.create(_config(tiny_model_dir, "twin"))
 
@@ -89,7 +90,7 @@ def test_create_invoke_delete(manager: EndpointManager, tiny_model_dir: Path) ->
     logs = manager.logs("twin", lines=5)
     assert set(logs) >= {r.id for r in described.replicas} | {"router"}
 
-    pids = [r.pid for r in described.replicas if r.pid] + [endpoint.router_pid]
+    pids = [r.pid for r in described.replicas if r.pid] + [endpoint.router_pid, endpoint.controller_pid]
     assert manager.delete("twin") is True
     assert all(process_gone(pid) for pid in pids)
     with pytest.raises(NotFoundError):
@@ -142,6 +143,7 @@ def test_no_wait_create_finishes_in_a_detached_process(
     assert endpoint.status is EndpointStatus.IN_SERVICE, endpoint.failure_reason
     assert endpoint.url and manager.router_alive(endpoint)
     assert "InService" in manager.logs("later")["control"]
-    pids = [r.pid for r in endpoint.replicas if r.pid] + [endpoint.router_pid]
+    pids = [r.pid for r in endpoint.replicas if r.pid] + [endpoint.router_pid, endpoint.controller_pid]
+    assert endpoint.controller_pid and manager.controller_alive(endpoint)
     assert manager.delete("later")  # router and replica were started by another process: stopped by pid
     assert all(process_gone(pid) for pid in pids if pid)

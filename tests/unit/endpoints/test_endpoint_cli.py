@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,60 @@ def test_errors_exit_non_zero_with_a_message(home: Path, tmp_path: Path) -> None
     assert failed.exit_code == 1 and "did not become healthy" in failed.output
     described = runner.invoke(app, ["endpoint", "describe", "broken"])
     assert "Failed" in described.output and "failure reason" in described.output
+
+
+def test_update_scale_reconcile_export_up(home: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    created = runner.invoke(
+        app,
+        ["endpoint", "create", "ops", "--model", str(tiny_model_dir), "--autoscale", "1..2"]
+        + ["--target-concurrency", "8", "--threads", "1", "--dtype", "float32", "--device", "cpu"],
+    )
+    assert created.exit_code == 0, created.output
+
+    scaled = runner.invoke(app, ["endpoint", "scale", "ops", "--replicas", "2"])
+    assert scaled.exit_code == 0 and "primary: 2/2" in scaled.output, scaled.output
+    outside = runner.invoke(app, ["endpoint", "scale", "ops", "--replicas", "5"])
+    assert outside.exit_code == 2 and "outside the autoscaling bounds" in outside.output
+
+    updated = runner.invoke(app, ["endpoint", "update", "ops", "--model", str(tiny_model_dir), "--bake", "0"])
+    assert updated.exit_code == 0 and "generation 2" in updated.output, updated.output
+    assert len(EndpointManager().describe("ops").replicas) == 2  # the scaled count survived the update
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("nope")
+    failed = runner.invoke(app, ["endpoint", "update", "ops", "--model", str(broken)])
+    assert failed.exit_code == 1 and "rolled back" in failed.output
+
+    described = runner.invoke(app, ["endpoint", "describe", "ops"])
+    assert described.exit_code == 0
+    for text in (
+        "generation 2",
+        "router: up",
+        "controller: up",
+        "scaling events",
+        "manual scale",
+        "rolled back",
+    ):
+        assert text in described.output, (text, described.output)
+
+    reconciled = runner.invoke(app, ["endpoint", "reconcile", "ops"])
+    assert reconciled.exit_code == 0 and "ops:" in reconciled.output
+
+    exported = runner.invoke(app, ["endpoint", "export-scaling", "ops"])
+    assert exported.exit_code == 0, exported.output
+    calls = json.loads(exported.output)
+    assert [c["operation"] for c in calls] == ["register_scalable_target", "put_scaling_policy"]
+    assert calls[0]["params"]["ResourceId"] == "endpoint/ops/variant/primary"
+
+    assert runner.invoke(app, ["endpoint", "delete", "ops"]).exit_code == 0
+
+
+def test_up_deploys_asks_and_deletes(home: Path, tiny_model_dir: Path) -> None:
+    result = runner.invoke(
+        app, ["up", "--model", str(tiny_model_dir), "--hold", "0", "--max-new-tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    for text in ("InService", "curl http://127.0.0.1:", "/v1/chat/completions", "/generate", "deleted"):
+        assert text in result.output, (text, result.output)
+    assert EndpointManager().store.list_endpoints() == []

@@ -267,3 +267,70 @@ def test_router_health_lists_replica_states(replicas: list[ThreadServer]) -> Non
         ]
         keys = {"healthy", "draining", "outstanding", "served", "failures", "status", "last_error"}
         assert all(keys <= set(r) for r in listing)
+
+
+async def _draining_replica(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A replica that passes health checks but answers 503 not_ready, like one that just got SIGTERM."""
+    if scope["type"] != "http":
+        return
+    status, body = (
+        (200, b"{}")
+        if scope["path"] == "/health"
+        else (503, b'{"error":"draining","error_type":"not_ready"}')
+    )
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _until(lambda: server.started, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_503_from_a_replica_is_retried_on_another(replicas: list[ThreadServer]) -> None:
+    with _serving(_draining_replica) as draining_url:
+        pool = ReplicaPool(
+            [ReplicaSpec(id="draining", url=draining_url), ReplicaSpec(id="a", url=replicas[0].url)]
+        )
+        with running_router(pool, health_interval=30) as (url, _):
+            assert _until(lambda: pool.num_available() == 2)
+            for _ in range(4):  # whichever replica is picked first, every request is answered by "a"
+                r = httpx.post(f"{url}/generate", json=SHORT, timeout=60)
+                assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "a"
+            assert _states(url)["draining"]["healthy"] is False
+
+    with _serving(_draining_replica) as draining_url:  # alone: its 503 is what the caller gets
+        pool = ReplicaPool([ReplicaSpec(id="draining", url=draining_url)])
+        with running_router(pool, health_interval=30) as (url, _):
+            assert _until(lambda: pool.num_available() == 1)
+            r = httpx.post(f"{url}/generate", json=SHORT, timeout=60)
+            assert r.status_code == 503 and r.json()["error_type"] == "not_ready"
+
+
+def test_router_stats_count_load_per_traffic_group(replicas: list[ThreadServer]) -> None:
+    pool = ReplicaPool(
+        [
+            ReplicaSpec(id="a", url=replicas[0].url, variant="v@1"),
+            ReplicaSpec(id="b", url=replicas[1].url, variant="v@2"),
+        ],
+        weights={"v@1": 1, "v@2": 0},
+    )
+    with running_router(pool) as (url, _):
+        assert _until(lambda: pool.num_available() == 2)
+        for _ in range(3):
+            assert httpx.post(f"{url}/generate", json=SHORT, timeout=60).status_code == 200
+        stats = httpx.get(f"{url}/router/stats").json()
+    assert stats["groups"]["v@1"] == {"replicas": 1, "in_flight": 0, "routed_total": 3}
+    assert stats["groups"]["v@2"] == {"replicas": 1, "in_flight": 0, "routed_total": 0}
+    assert stats["weights"] == {"v@1": 1, "v@2": 0}

@@ -1,0 +1,175 @@
+"""`twinserve up`: the mission end to end on the embedded defaults (what `make up` runs).
+
+registry (import the default model as llm-twin v1 @champion, once) → real-time endpoint `twin`
+from `models:/llm-twin@champion`, autoscaling 1..2 replicas → one streamed answer through the
+endpoint's router → the URL and paste-able curl commands → serve until Ctrl-C (autoscaling
+events printed as they happen) → delete the endpoint, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+
+from twinserve.cli.chat import CHAMPION_REF, DEMO_QUESTION, stream_chat
+
+if TYPE_CHECKING:
+    from twinserve.endpoints.control import EndpointManager
+
+out = Console()
+err = Console(stderr=True)
+
+
+def up_command(
+    name: str = typer.Option("twin", "--name", help="Endpoint name."),
+    model: str = typer.Option(CHAMPION_REF, "--model", "-m", help="Registry reference or model folder."),
+    question: str = typer.Option(DEMO_QUESTION, "--question", help="What to ask once it is up."),
+    max_replicas: int = typer.Option(2, "--max-replicas", min=1, help="Autoscaling upper bound."),
+    target_concurrency: float = typer.Option(
+        4.0, "--target-concurrency", min=0.1, help="Concurrent requests per replica autoscaling keeps."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    hold: float | None = typer.Option(
+        None, "--hold", min=0, help="Serve this many seconds, then delete (default: until Ctrl-C)."
+    ),
+) -> None:
+    """Deploy llm-twin@champion as endpoint `twin` (autoscaling 1..2), ask it once, serve until Ctrl-C."""
+    from twinserve.client import LLMClient
+    from twinserve.endpoints.control import EndpointManager
+    from twinserve.endpoints.spec import EndpointConfig
+    from twinserve.errors import TwinserveError
+
+    manager = EndpointManager()
+    try:
+        if model == CHAMPION_REF:
+            from twinserve.registry.store import ModelRegistry
+
+            with err.status("registering the default model as llm-twin (once) …"):
+                ModelRegistry().import_default()
+        if manager.delete(name):  # left over from a run that was killed: start clean
+            err.print(f"[dim]deleted a previous endpoint {name!r}[/dim]")
+        config = EndpointConfig.model_validate(
+            {
+                "name": name,
+                "variants": [{"model": model, "replicas": 1, "threads": _threads_per_replica(max_replicas)}],
+                "autoscaling": {
+                    "type": "target_tracking",
+                    "target": target_concurrency,
+                    "min_replicas": 1,
+                    "max_replicas": max_replicas,
+                    "lookback_s": 30,
+                    "scale_out_cooldown_s": 30,
+                    "scale_in_cooldown_s": 120,
+                },
+            }
+        )
+        with _interrupts_as_keyboard(), err.status(f"creating endpoint {name!r} …") as status:
+
+            def progress(message: str) -> None:
+                err.print(f"[dim]{message}[/dim]", highlight=False)
+                status.update(message)
+
+            endpoint = manager.create(config, progress=progress)
+        assert endpoint.url is not None
+        version = endpoint.replicas[0].model_version if endpoint.replicas else None
+        err.print(f"[green]endpoint {name!r} is InService[/green] ({version or model}) at {endpoint.url}")
+        err.print(f"[bold]user:[/bold] {question}")
+        with LLMClient(endpoint.url, api="openai") as client:
+            stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
+        out.print(_usage(name, endpoint.url), highlight=False, soft_wrap=True)
+        _serve(manager, name, hold)
+    except KeyboardInterrupt:
+        err.print("\n[dim]interrupted[/dim]")
+    except TwinserveError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        _delete(manager, name)
+        raise typer.Exit(1) from exc
+    _delete(manager, name)
+
+
+def _threads_per_replica(max_replicas: int) -> int:
+    """Cores split between the most replicas autoscaling may run: they never fight for a core."""
+    return max(1, (os.cpu_count() or 1) // max_replicas)
+
+
+def _usage(name: str, url: str) -> str:
+    tgi = {"inputs": "What is an LLM twin?", "parameters": {"max_new_tokens": 64}}
+    chat = {
+        "messages": [{"role": "user", "content": "What is an LLM twin?"}],
+        "max_tokens": 64,
+        "stream": True,
+    }
+
+    def curl(path: str, body: Mapping[str, object], stream: bool = False) -> str:
+        flag = "-N " if stream else ""
+        return (
+            f"curl {flag}{url}{path} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+        )
+
+    return "\n".join(
+        [
+            "",
+            f"[bold]endpoint {name}[/bold]: {url}  (TGI, OpenAI and SageMaker routes; 127.0.0.1 only)",
+            "  TGI:    " + curl("/generate", tgi),
+            "  OpenAI: " + curl("/v1/chat/completions", chat, stream=True),
+            f"  status: twinserve endpoint describe {name}    load test: twinserve bench serve --url {url} "
+            "--api openai --chat --concurrency 16",
+            "serving until Ctrl-C (then the endpoint is deleted)",
+        ]
+    )
+
+
+def _serve(manager: EndpointManager, name: str, hold: float | None) -> None:
+    """Wait for Ctrl-C (or `hold` seconds), printing scaling events as they are recorded."""
+    stop = threading.Event()
+    seen = len(manager.events(name, limit=None))
+    waited = 0.0
+    with _interrupts_as_keyboard():
+        while not stop.wait(1.0):
+            waited += 1.0
+            events = manager.events(name, limit=None)
+            for event in events[seen:]:
+                err.print(
+                    f"[cyan]autoscaling[/cyan] {event.variant}: {event.from_replicas} → {event.to_replicas} "
+                    f"({event.reason})",
+                    highlight=False,
+                )
+            seen = len(events)
+            if hold is not None and waited >= hold:
+                return
+
+
+def _delete(manager: EndpointManager, name: str) -> None:
+    # a second Ctrl-C must not leave replicas behind: ignore it while deleting
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with err.status(f"deleting endpoint {name!r} …"):
+            deleted = manager.delete(name)
+        if deleted:
+            err.print(f"endpoint {name!r} deleted; no process left")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM (e.g. `kill`, a CI timeout) ends `up` like Ctrl-C: the endpoint is deleted."""
+
+    def raise_interrupt(_sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
