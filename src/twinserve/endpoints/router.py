@@ -1,7 +1,8 @@
 """The endpoint router: one stable URL in front of an endpoint's replicas (a pure-ASGI proxy).
 
 Own routes: `GET /health` (200 while at least one replica takes requests, else 503; JSON of
-the replica states) and `GET /router/replicas`. Everything else — every path, method, query
+the replica states), `GET /router/replicas`, `GET /router/stats` (load per traffic group, for
+the autoscaler) and, when given, `GET /router/metrics` (the endpoint's Prometheus metrics). Everything else — every path, method, query
 and body of the LLM microservice — goes to one replica chosen by `ReplicaPool.acquire`.
 
 Policy:
@@ -52,7 +53,10 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade"}
 )
 # routes any caller may reach even when the router has an API key (as on the server)
-OPEN_PATHS = frozenset({"/health", "/ping", "/info", "/metrics", "/docs", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/health", "/ping", "/info", "/metrics", "/router/metrics", "/docs", "/redoc", "/openapi.json"}
+)
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # failures that mean the replica never received (or never started on) the request
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.WriteError)
 REPLICA_HEADER = "x-twinserve-replica"
@@ -91,12 +95,14 @@ class RouterApp:
         connect_timeout: float = 5.0,
         read_timeout: float | None = None,
         max_connections: int = 1000,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.pool = pool
         self.api_key = api_key
         self.max_attempts = max_attempts
+        self.metrics = metrics  # the endpoint's Prometheus exposition, served at /router/metrics
         self._client_options: dict[str, Any] = {
             "timeout": httpx.Timeout(connect_timeout, connect=connect_timeout, read=read_timeout, pool=None),
             "limits": httpx.Limits(
@@ -162,6 +168,13 @@ class RouterApp:
             if await self._authorized(scope, send):
                 body = {"replicas": [r.model_dump(mode="json") for r in self.pool.snapshot()]}
                 await _json(send, 200, {**body, "weights": self.pool.weights})
+            return
+        if method == "GET" and path == "/router/metrics" and self.metrics is not None:
+            exposition = await anyio.to_thread.run_sync(self.metrics)  # reads the state store
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", METRICS_TYPE)]}
+            )
+            await send({"type": "http.response.body", "body": exposition, "more_body": False})
             return
         if method == "GET" and path == "/router/stats":
             if await self._authorized(scope, send):

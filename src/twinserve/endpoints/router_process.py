@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from twinserve.endpoints.router import RouterApp, create_router_app
+from twinserve.endpoints.router_metrics import metrics_exposition
 from twinserve.endpoints.router_pool import ReplicaPool, ReplicaSpec
 from twinserve.endpoints.spec import ReplicaState
 from twinserve.endpoints.state import StateStore
@@ -80,7 +81,11 @@ def run(
     key = endpoint.config.api_key
     pool = ReplicaPool()
     sync_pool(store, name, pool)  # before lifespan: its first health round sees the replicas
-    app = create_router_app(pool, api_key=key.get_secret_value() if key else None)
+    app = create_router_app(
+        pool,
+        api_key=key.get_secret_value() if key else None,
+        metrics=lambda: metrics_exposition(pool, store, name),
+    )
     syncer = PoolSync(store, name, app, sync_interval)
     syncer.start()
     config = uvicorn.Config(

@@ -191,6 +191,15 @@ def test_scale_out_and_in_records_events(manager: EndpointManager, tiny_model_di
         (1, 2, "manual scale"),
         (2, 1, "manual scale"),
     ]
+    assert back.url
+    metrics = httpx.get(f"{back.url}/router/metrics", timeout=10).text  # exported for Prometheus
+    for line in (
+        'twinserve_endpoint_scaling_events_total{direction="out",endpoint="twin",variant="primary"} 1.0',
+        'twinserve_endpoint_scaling_events_total{direction="in",endpoint="twin",variant="primary"} 1.0',
+        'twinserve_endpoint_desired_replicas{endpoint="twin",variant="primary"} 1.0',
+        'twinserve_endpoint_replicas{endpoint="twin",group="primary@1"} 1.0',
+    ):
+        assert line in metrics, metrics
 
 
 def test_one_operation_at_a_time(manager: EndpointManager, tiny_model_dir: Path) -> None:
