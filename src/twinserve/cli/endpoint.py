@@ -283,6 +283,7 @@ def update_command(
     bake: float = typer.Option(
         30.0, "--bake", min=0, help="Seconds each canary step is held; errors or deaths roll back."
     ),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until InService (or rolled back)."),
 ) -> None:
     """Blue/green: start the new version beside the old, shift traffic (in canary steps), drain the
     old; if the new version does not come up healthy, roll back and keep serving the old one."""
@@ -301,6 +302,17 @@ def update_command(
             target = manager.config_with_model(name, model, variant=variant)
         except KeyError as exc:
             _fail(str(exc.args[0]), 2)
+    if not wait:
+        from twinserve.errors import TwinserveError
+
+        try:
+            manager.update_detached(name, target, canary_percent=canary, bake_s=bake)
+        except TwinserveError as exc:
+            _fail(exc.message)
+        out.print(
+            f"endpoint [bold]{name}[/bold] is Updating; follow with `twinserve endpoint describe {name}`"
+        )
+        return
     ep = _run_operation(
         f"updating endpoint {name!r}",
         lambda progress: manager.update(name, target, canary_percent=canary, bake_s=bake, progress=progress),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -168,12 +169,39 @@ class EndpointManager:
         return started
 
     def _provision_detached(self, name: str, controller: bool) -> None:
+        self._detached(name, "provision", [] if controller else ["--no-controller"])
+
+    def update_detached(
+        self, name: str, target: EndpointConfig, *, canary_percent: Iterable[float] = (), bake_s: float = 0.0
+    ) -> None:
+        """`update` in a detached process (`endpoint update --no-wait`); follow with `describe`.
+
+        The target goes through a pipe, not argv or a file: it may hold the API key."""
+        args = [f"--canary={p:g}" for p in canary_percent] + [f"--bake={bake_s:g}"]
+        proc = self._detached(name, "update", args, stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(json.dumps(target.to_dict(reveal_secrets=True)).encode())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # return once it holds the endpoint (or failed to)
+            if self.store.get_endpoint(name).operation == "update":
+                return
+            if proc.poll() is not None:
+                log_tail = tail_lines(self.endpoint_dir(name) / PROVISION_LOG, 5)
+                raise BusyError(f"the update did not start:\n{log_tail}")
+            time.sleep(0.1)
+
+    def _detached(
+        self, name: str, command: str, args: list[str], stdin: int | None = None
+    ) -> subprocess.Popen[bytes]:
         log_path = self.endpoint_dir(name) / PROVISION_LOG
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", __name__, "provision", name, "--state", str(self.store.path)]
-        cmd += ["--home", str(self.home)] + ([] if controller else ["--no-controller"])
-        with log_path.open("wb") as out:
-            subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [sys.executable, "-m", __name__, command, name, "--state", str(self.store.path)]
+        cmd += ["--home", str(self.home), *args]
+        with log_path.open("ab") as out:
+            return subprocess.Popen(
+                cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     # ------------------------------------------------------------ router and controller processes
     def _start_router(self, endpoint: Endpoint) -> None:
@@ -700,20 +728,26 @@ def _port_free(port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m twinserve.endpoints.control provision NAME`: what `create --no-wait` runs detached."""
+    """`python -m twinserve.endpoints.control provision|update NAME`: what `--no-wait` runs detached
+    (`update` reads the target EndpointConfig as JSON from stdin)."""
     parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
-    parser.add_argument("command", choices=["provision"])
+    parser.add_argument("command", choices=["provision", "update"])
     parser.add_argument("name")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--no-controller", action="store_true")
+    parser.add_argument("--canary", type=float, action="append", default=[])
+    parser.add_argument("--bake", type=float, default=0.0)
     args = parser.parse_args(argv)
     store = StateStore(args.state)
     manager = EndpointManager(store, LocalRuntime(store, home=args.home))
+    say: Progress = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
-        manager.provision(
-            args.name, controller=not args.no_controller, progress=lambda msg: print(msg, flush=True)
-        )
+        if args.command == "provision":
+            manager.provision(args.name, controller=not args.no_controller, progress=say)
+        else:
+            target = EndpointConfig.from_dict(json.loads(sys.stdin.read()))
+            manager.update(args.name, target, canary_percent=args.canary, bake_s=args.bake, progress=say)
     except Exception as exc:
         print(f"failed: {exc}", flush=True)
         raise SystemExit(1) from exc

@@ -294,3 +294,18 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_update_without_waiting_runs_in_a_detached_process(
+    manager: EndpointManager, tiny_model_dir: Path, other_model_dir: Path
+) -> None:
+    manager.create(_config(tiny_model_dir, api_key="detached-key"), controller=False)
+    target = manager.config_with_model("twin", str(other_model_dir))
+    manager.update_detached("twin", target)
+    assert manager.store.get_endpoint("twin").status is EndpointStatus.UPDATING
+    _wait(lambda: manager.store.get_endpoint("twin").status is EndpointStatus.IN_SERVICE, 240, "the update")
+    after = manager.describe("twin")
+    assert after.generation == 2 and after.failure_reason is None, after.failure_reason
+    assert after.config.api_key and after.config.api_key.get_secret_value() == "detached-key"
+    log = manager.logs("twin")["control"]
+    assert "InService on generation 2" in log and "detached-key" not in log
