@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 from twinserve.endpoints.daemons import Daemon
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.processes import running
@@ -398,23 +400,36 @@ class EndpointManager:
     def _bake(
         self, name: str, router: RouterClient, green: list[ReplicaRecord], bake_s: float, progress: Progress
     ) -> None:
-        """Hold the canary step: every green replica stays alive, healthy and error-free."""
+        """Hold the canary step: every green replica stays alive, healthy and free of failed
+        requests (connection failures and 5xx answers; a 4xx is the caller's error)."""
         if bake_s <= 0:
             return
         progress(f"baking for {bake_s:g}s")
         ids = {r.id for r in green}
-        base = {r["id"]: r["failures"] for r in router.replicas() if r["id"] in ids}
+
+        def failed() -> dict[str, tuple[int, str | None]]:
+            try:
+                listing = router.replicas()
+            except (httpx.HTTPError, ValueError):
+                return {}  # a router hiccup is not the new version's fault
+            return {
+                r["id"]: (r["failures"] + r["server_errors"], r["last_error"])
+                for r in listing
+                if r["id"] in ids
+            }
+
+        base = {k: n for k, (n, _) in failed().items()}
         deadline = time.monotonic() + bake_s
         while time.monotonic() < deadline:
             for record in green:
                 if not self.runtime.replica_alive(record):
                     raise ModelLoadError(f"replica {record.id} became unhealthy while baking")
-            with contextlib.suppress(Exception):
-                for r in router.replicas():
-                    if r["id"] in ids and r["failures"] > base.get(r["id"], 0):
-                        raise ModelLoadError(
-                            f"replica {r['id']} failed requests while baking: {r['last_error']}"
-                        )
+            for replica_id, (count, last_error) in failed().items():
+                if count > base.get(replica_id, 0):
+                    raise ModelLoadError(
+                        f"replica {replica_id} failed {count - base.get(replica_id, 0)} request(s) while "
+                        f"baking (connection failures or 5xx answers; last error: {last_error})"
+                    )
             time.sleep(0.5)
 
     def _roll_back(self, name: str, generation: int, exc: BaseException, progress: Progress) -> None:

@@ -7,9 +7,9 @@ and body of the LLM microservice — goes to one replica chosen by `ReplicaPool.
 
 Policy:
 - The request body is read whole first (prompts are small), so a request can be re-sent.
-- Retry only what cannot have started: a connect error/timeout, the replica dropping the
-  connection before any status line, or a 503 (a replica answers 503 only while loading,
-  draining or dead: it ran nothing). The replica is marked unhealthy and the request goes to
+- Retry only what the client has seen nothing of: a connect error/timeout, the replica
+  dropping the connection (or dying) before any status line, or a 503 (a replica answers 503
+  only while loading, draining or dead: it ran nothing). The replica is marked unhealthy and the request goes to
   another one, at most `max_attempts` replicas in all (the last 503 is relayed when all
   fail). Any other status is the replica's answer, errors included: never retried, so no
   generation runs twice. This is what makes a blue/green switch and a scale-in lossless: a
@@ -57,8 +57,17 @@ OPEN_PATHS = frozenset(
     {"/health", "/ping", "/info", "/metrics", "/router/metrics", "/docs", "/redoc", "/openapi.json"}
 )
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-# failures that mean the replica never received (or never started on) the request
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.WriteError)
+# failures before any status line: nothing reached the client, and a generation has no side
+# effects, so running it on another replica is safe (a read *timeout* is not here: that
+# replica may still be generating, and a retry would double the load of a slow endpoint)
+RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.RemoteProtocolError,
+    httpx.WriteError,
+    httpx.ReadError,
+)
 REPLICA_HEADER = "x-twinserve-replica"
 
 
@@ -224,6 +233,7 @@ class RouterApp:
                 break
             tried.append(replica.id)
             served = False
+            status: int | None = None
             try:
                 request = self.client.build_request(
                     scope["method"], replica.url + target, headers=headers, content=body
@@ -240,7 +250,7 @@ class RouterApp:
                     self.pool.count_failure(replica, f"{type(exc).__name__}: {exc}")
                     await _error(send, scope, BadGatewayError(f"replica {replica.id} failed: {exc}"))
                     return
-                served = True
+                served, status = True, response.status_code
                 if response.status_code == 503 and len(tried) < self.max_attempts:
                     await response.aread()  # small JSON; frees the connection
                     self.pool.mark_unhealthy(replica, "answered 503 (loading, draining or dead)")
@@ -250,7 +260,7 @@ class RouterApp:
                 await self._relay(response, replica, send)
                 return
             finally:
-                self.pool.release(replica, served=served)
+                self.pool.release(replica, served=served, status=status)
         if refused is not None:
             await self._relay(*refused, send)
             return

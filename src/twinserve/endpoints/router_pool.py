@@ -74,6 +74,7 @@ class ReplicaInfo(BaseModel):
     outstanding: int
     served: int
     failures: int
+    server_errors: int
     last_error: str | None
 
 
@@ -88,6 +89,7 @@ class Replica:
     outstanding: int = 0
     served: int = 0
     failures: int = 0
+    server_errors: int = 0  # answers with a 5xx status (the request reached the model and failed)
     last_error: str | None = None
     added_at: float = field(default_factory=time.monotonic)
 
@@ -118,6 +120,7 @@ class Replica:
             outstanding=self.outstanding,
             served=self.served,
             failures=self.failures,
+            server_errors=self.server_errors,
             last_error=self.last_error,
         )
 
@@ -217,12 +220,14 @@ class ReplicaPool:
             self._routed[variant] = self._routed.get(variant, 0) + 1
             return replica
 
-    def release(self, replica: Replica, *, served: bool) -> None:
-        """End one request on `replica`; `served` when a response came back (any status)."""
+    def release(self, replica: Replica, *, served: bool, status: int | None = None) -> None:
+        """End one request on `replica`; `served` when a response came back (any `status`)."""
         with self._lock:
             replica.outstanding -= 1
             if served:
                 replica.served += 1
+            if status is not None and status >= 500:
+                replica.server_errors += 1
             if replica.draining and replica.outstanding <= 0:
                 self._forget(replica)
 

@@ -309,3 +309,27 @@ def test_update_without_waiting_runs_in_a_detached_process(
     assert after.config.api_key and after.config.api_key.get_secret_value() == "detached-key"
     log = manager.logs("twin")["control"]
     assert "InService on generation 2" in log and "detached-key" not in log
+
+
+def test_a_canary_that_dies_while_baking_is_rolled_back(
+    manager: EndpointManager, tiny_model_dir: Path, other_model_dir: Path
+) -> None:
+    endpoint = manager.create(_config(tiny_model_dir), controller=False)
+    assert endpoint.url
+
+    def progress(message: str) -> None:
+        if message.startswith("baking"):
+            green = [r for r in manager.store.replicas("twin") if r.generation == 2]
+            assert green and green[0].pid
+            os.kill(green[0].pid, signal.SIGKILL)
+
+    with SteadyLoad(endpoint.url, clients=2) as load:
+        with pytest.raises(UpdateRolledBackError, match="while baking"):
+            manager.update("twin", _config(other_model_dir), canary_percent=[50], bake_s=5, progress=progress)
+        before = load.ok
+        _wait(lambda: load.ok > before + 2, 60, "traffic after the rollback")
+    # a request the killed canary had not answered yet is retried on the old replica; only a
+    # stream it had started answering can be lost (never re-run: its tokens were sent)
+    assert len(load.failures) <= 1, load.failures
+    after = manager.describe("twin")
+    assert after.generation == 1 and [r.id for r in after.replicas] == [endpoint.replicas[0].id]

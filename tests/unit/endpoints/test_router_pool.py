@@ -88,3 +88,15 @@ def test_variant_weights_split_traffic_exactly_and_zero_weight_is_a_fallback() -
     assert _take(pool, exclude=("green",)).id == "blue"  # better a zero-weight variant than a 503
     with pytest.raises(ValueError):
         pool.set_weights({"blue": -1})
+
+
+def test_server_errors_are_counted_per_replica() -> None:
+    pool = ReplicaPool([ReplicaSpec(id="a", url="http://a")])
+    replica = pool.replicas()[0]
+    pool.mark_healthy(replica)
+    for status in (200, 422, 500, 503):
+        got = pool.acquire()
+        assert got is replica
+        pool.release(got, served=True, status=status)
+    info = pool.snapshot()[0]
+    assert (info.served, info.server_errors) == (4, 2)
