@@ -155,6 +155,72 @@ def http_overhead_command(
     )
 
 
+@app.command("endpoint")
+def endpoint_command(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Registry reference or model folder (default: the default model)."
+    ),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Router part: interleaved rounds."),
+    concurrency: int = typer.Option(32, "--concurrency", min=1, help="Router part: requests in flight."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=2),
+    only: list[str] = typer.Option(
+        [], "--only", help="router, update or scale; repeatable or a comma list (default: all three)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """A local endpoint: router overhead at W32, failed requests during an update, load spike → new replica."""
+    from twinserve.bench.endpoint_bench import PARTS, EndpointBenchConfig, run_endpoint_bench
+
+    parts = [p.strip() for item in only for p in item.split(",") if p.strip()] or list(PARTS)
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if model is None:
+        model = str(_model_or_default(None))
+    elif not model.startswith("models:/") and Path(model).exists():
+        model = str(Path(model).resolve())  # replicas run elsewhere than the caller's folder
+    cfg = EndpointBenchConfig.model_validate(
+        {
+            "model": model,
+            "rounds": rounds,
+            "concurrency": concurrency,
+            "max_new_tokens": max_new_tokens,
+            "parts": [p for p in PARTS if p in parts],
+        }
+    )
+    with err.status("benchmarking …") as status:
+        report = run_endpoint_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        if report.router is not None:
+            table = Table(title=f"W{concurrency} through the router and straight to the replica")
+            columns = "round|first|router tok/s|direct tok/s|router ÷ direct|TTFT p50 router|TTFT p50 direct"
+            for column in columns.split("|"):
+                table.add_column(column, justify="right")
+            for i, r in enumerate(report.router.rounds, 1):
+                table.add_row(
+                    str(i),
+                    r.first,
+                    f"{r.router.tokens_per_s:.1f}",
+                    f"{r.direct.tokens_per_s:.1f}",
+                    f"{r.ratio:.3f}",
+                    f"{r.router.ttft_ms_p50:.0f} ms",
+                    f"{r.direct.ttft_ms_p50:.0f} ms",
+                )
+            out.print(table)
+        summary = Table(title=f"endpoint benchmark ({report.config.model}, {report.cpu_count} cores)")
+        for column in ("measure", "value", "goal", ""):
+            summary.add_column(column)
+        for measure, value, goal, met in report.summary():
+            mark = "" if met is None else ("[green]meets[/green]" if met else "[red]misses[/red]")
+            summary.add_row(measure, value, goal, mark)
+        out.print(summary)
+        for part, reason in report.errors.items():
+            err.print(f"[red]{part} failed:[/red] {reason}", highlight=False)
+    if report.errors:
+        raise typer.Exit(1)
+
+
 def _model_or_default(model: Path | None) -> Path:
     if model is not None:
         return model
