@@ -21,8 +21,9 @@ from safetensors.numpy import save_file
 from tests.servers import process_gone
 from twinserve.bench.endpoint_bench import LoadClients
 from twinserve.client import LLMClient
-from twinserve.endpoints.control import EndpointManager, UpdateRolledBackError
+from twinserve.endpoints.control import EndpointManager
 from twinserve.endpoints.local_runtime import LocalRuntime
+from twinserve.endpoints.rollout import UpdateRolledBackError
 from twinserve.endpoints.router import REPLICA_HEADER
 from twinserve.endpoints.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaState
 from twinserve.endpoints.state import StateStore

@@ -40,3 +40,7 @@ app.command("demo")(chat.demo_command)
 app.add_typer(endpoint.app, name="endpoint")
 app.command("up")(up.up_command)
 app.command("plan")(plan.plan_command)
+
+
+if __name__ == "__main__":  # `python -m twinserve.cli.main …` works like the `twinserve` script
+    app()

@@ -31,12 +31,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from twinserve.endpoints.daemons import Daemon
 from twinserve.endpoints.local_runtime import LocalRuntime
-from twinserve.endpoints.processes import running
-from twinserve.endpoints.router_client import RouterClient
+from twinserve.endpoints.reconciler import LIVE, Reconciler
+from twinserve.endpoints.router_client import ROUTER_SEES_S, RouterClient
 from twinserve.endpoints.router_process import MODULE as ROUTER_MODULE
 from twinserve.endpoints.spec import (
     Endpoint,
@@ -59,16 +57,8 @@ ROUTER_LOG = "router.log"
 CONTROLLER_LOG = "controller.log"
 PROVISION_LOG = "control.log"
 _ROUTER_START_TIMEOUT_S = 60.0
-_ROUTER_SEES_S = 15.0  # how long the router may take to see a replica change (sync 0.5 s + health)
 _EXIT_GRACE_S = 10.0
-_UNHEALTHY_GRACE_S = 30.0  # a live replica failing /health this long is replaced
 _BUSY_WAIT_S = 120.0  # a user's update/scale waits this long for a running operation to end
-
-
-class UpdateRolledBackError(ModelLoadError):
-    """The new version did not become healthy (or failed while baking); the old one still serves."""
-
-    error_type = "update_rolled_back"
 
 
 def _quiet(_: str) -> None:
@@ -87,7 +77,7 @@ class EndpointManager:
         self.runtime = runtime or LocalRuntime(self.store, home=self.store.path.parent.parent)
         self.router = Daemon(ROUTER_MODULE, ROUTER_LOG)
         self.controller = Daemon(CONTROLLER_MODULE, CONTROLLER_LOG)
-        self._unhealthy_since: dict[str, float] = {}
+        self._reconciler = Reconciler(self)
 
     def endpoint_dir(self, name: str) -> Path:
         return self.runtime.logs_root / name
@@ -124,16 +114,16 @@ class EndpointManager:
         endpoint = self.store.begin_operation(name, "create", force=True)  # this process takes over
         config = endpoint.config
         try:
-            self._start_replicas(config, [(v, v.replicas) for v in config.variants], 1, progress)
+            self.start_replicas(config, [(v, v.replicas) for v in config.variants], 1, progress)
             progress("starting the router")
-            self._start_router(self.store.get_endpoint(name))
+            self.start_router(self.store.get_endpoint(name))
             progress("router is up")
             if controller:
-                self._start_controller(name)
+                self.start_controller(name)
         except BaseException as exc:  # Ctrl-C included: nothing may be left running
             reason = str(exc) or type(exc).__name__
             progress("start-up failed; stopping what was started")
-            self._stop_all(name, config.drain_timeout_s)
+            self.stop_all(name, config.drain_timeout_s)
             with contextlib.suppress(NotFoundError):
                 self.store.end_operation(name, EndpointStatus.FAILED, reason=reason)
             raise
@@ -141,7 +131,7 @@ class EndpointManager:
         progress(f"endpoint {name!r} is InService")
         return self.describe(name)
 
-    def _start_replicas(
+    def start_replicas(
         self,
         config: EndpointConfig,
         counts: Iterable[tuple[VariantConfig, int]],
@@ -206,7 +196,7 @@ class EndpointManager:
             )
 
     # ------------------------------------------------------------ router and controller processes
-    def _start_router(self, endpoint: Endpoint) -> None:
+    def start_router(self, endpoint: Endpoint) -> None:
         """Start the router; on the port of its recorded URL when that is free (the URL is stable)."""
         port = _port_of(endpoint.url) if endpoint.url else None
         if port is None or not _port_free(port):
@@ -227,7 +217,7 @@ class EndpointManager:
             f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{log_tail}"
         )
 
-    def _start_controller(self, name: str) -> None:
+    def start_controller(self, name: str) -> None:
         args = ["--state", str(self.store.path), "--home", str(self.home)]
         proc = self.controller.start(name, args, self.endpoint_dir(name))
         self.store.update_endpoint(name, lambda ep: ep.model_copy(update={"controller_pid": proc.pid}))
@@ -287,7 +277,7 @@ class EndpointManager:
                 out[label] = tail_lines(path, lines)
         return out
 
-    def _begin(
+    def begin(
         self,
         name: str,
         operation: str,
@@ -316,61 +306,10 @@ class EndpointManager:
         bake_s: float = 0.0,
         progress: Progress = _quiet,
     ) -> Endpoint:
-        """Blue/green: serve `target` with no request dropped; roll back if it does not come up.
+        """Blue/green to `target` with no request dropped; see `rollout.update`."""
+        from twinserve.endpoints.rollout import update
 
-        Green gets the replica count each same-named variant has now (autoscaling's choice
-        survives an update). Traffic moves to green through `canary_percent` steps, each held
-        `bake_s` seconds while green's replicas must stay healthy and error-free, then 100%.
-        Raises UpdateRolledBackError after a rollback (the endpoint is InService on the old
-        generation, the reason in `failure_reason`); ConflictError while another operation runs.
-        """
-        if target.name != name:
-            raise ValidationError(f"the config is for endpoint {target.name!r}, not {name!r}")
-        steps = sorted({float(p) for p in canary_percent if 0 < float(p) < 100}) + [100.0]
-        ep = self._begin(name, "update", EndpointStatus.UPDATING, _can_update)
-        generation = ep.generation + 1
-        counts = [(v, _initial_count(ep, v, target)) for v in target.variants]
-        self.store.update_endpoint(
-            name, lambda e: e.model_copy(update={"target": target, "target_share": 0.0})
-        )
-        progress(f"endpoint {name!r} is Updating to generation {generation}")
-        green: list[ReplicaRecord] = []
-        try:
-            green = self._start_replicas(target, counts, generation, progress)
-            router = RouterClient(self.store.get_endpoint(name))
-            if not router.wait_healthy([r.id for r in green], _ROUTER_SEES_S):
-                raise ModelLoadError("the router did not see the new replicas healthy")
-            for percent in steps:
-                self._shift(name, router, percent / 100, progress)
-                if percent < 100:
-                    self._bake(name, router, green, bake_s, progress)
-        except BaseException as exc:
-            self._roll_back(name, generation, exc, progress)
-            if isinstance(exc, Exception):
-                raise UpdateRolledBackError(
-                    f"update of {name!r} to generation {generation} failed and was rolled back: {exc}"
-                ) from exc
-            raise
-        # commit: green becomes the serving generation; blue becomes stale (weight 0) and leaves
-        variants = [VariantState(name=v.name, desired_replicas=n) for v, n in counts]
-        self.store.update_endpoint(
-            name,
-            lambda e: e.model_copy(
-                update={
-                    "config": target,
-                    "generation": generation,
-                    "target": None,
-                    "target_share": 0.0,
-                    "variants": variants,
-                }
-            ),
-        )
-        blue = [r for r in self.store.replicas(name) if r.generation < generation]
-        progress(f"draining {len(blue)} replica(s) of generation {generation - 1}")
-        self._retire(name, blue, ep.config.drain_timeout_s)
-        self.store.end_operation(name, EndpointStatus.IN_SERVICE, clear_failure=True)
-        progress(f"endpoint {name!r} is InService on generation {generation}")
-        return self.describe(name)
+        return update(self, name, target, canary_percent=canary_percent, bake_s=bake_s, progress=progress)
 
     def config_with_model(self, name: str, model: str, *, variant: str | None = None) -> EndpointConfig:
         """The serving config with `model` in `variant` (default: the first), every variant at its
@@ -390,60 +329,6 @@ class EndpointManager:
                 "variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
             }
         )
-
-    def _shift(self, name: str, router: RouterClient, share: float, progress: Progress) -> None:
-        ep = self.store.update_endpoint(name, lambda e: e.model_copy(update={"target_share": share}))
-        if not router.wait_weights(ep.traffic_weights(), _ROUTER_SEES_S):
-            raise ModelLoadError("the router did not take the new traffic weights")
-        progress(f"traffic: {share:.0%} to generation {ep.generation + 1}")
-
-    def _bake(
-        self, name: str, router: RouterClient, green: list[ReplicaRecord], bake_s: float, progress: Progress
-    ) -> None:
-        """Hold the canary step: every green replica stays alive, healthy and free of failed
-        requests (connection failures and 5xx answers; a 4xx is the caller's error)."""
-        if bake_s <= 0:
-            return
-        progress(f"baking for {bake_s:g}s")
-        ids = {r.id for r in green}
-
-        def failed() -> dict[str, tuple[int, str | None]]:
-            try:
-                listing = router.replicas()
-            except (httpx.HTTPError, ValueError):
-                return {}  # a router hiccup is not the new version's fault
-            return {
-                r["id"]: (r["failures"] + r["server_errors"], r["last_error"])
-                for r in listing
-                if r["id"] in ids
-            }
-
-        base = {k: n for k, (n, _) in failed().items()}
-        deadline = time.monotonic() + bake_s
-        while time.monotonic() < deadline:
-            for record in green:
-                if not self.runtime.replica_alive(record):
-                    raise ModelLoadError(f"replica {record.id} became unhealthy while baking")
-            for replica_id, (count, last_error) in failed().items():
-                if count > base.get(replica_id, 0):
-                    raise ModelLoadError(
-                        f"replica {replica_id} failed {count - base.get(replica_id, 0)} request(s) while "
-                        f"baking (connection failures or 5xx answers; last error: {last_error})"
-                    )
-            time.sleep(0.5)
-
-    def _roll_back(self, name: str, generation: int, exc: BaseException, progress: Progress) -> None:
-        reason = f"update to generation {generation} rolled back: {str(exc) or type(exc).__name__}"
-        progress(f"{reason}; rolling back")
-        with contextlib.suppress(NotFoundError):
-            ep = self.store.update_endpoint(
-                name,
-                lambda e: e.model_copy(update={"status": EndpointStatus.ROLLING_BACK, "target_share": 0.0}),
-            )
-            green = [r for r in self.store.replicas(name) if r.generation >= generation]
-            self._retire(name, green, ep.config.drain_timeout_s)
-            self.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=reason, target=None)
-            progress(f"endpoint {name!r} is InService on generation {generation - 1}")
 
     # ------------------------------------------------------------ scale
     def scale(
@@ -470,7 +355,7 @@ class EndpointManager:
                 f"{replicas} replicas is outside the autoscaling bounds "
                 f"{policy.min_replicas}..{policy.max_replicas} of {name!r}"
             )
-        ep = self._begin(
+        ep = self.begin(
             name, "scale", EndpointStatus.UPDATING, _can_scale, wait_s=0 if event else _BUSY_WAIT_S
         )
         before = ep.desired(v.name)
@@ -487,7 +372,7 @@ class EndpointManager:
         )
         progress(f"scaling {name}/{v.name}: {before} → {replicas}")
         try:
-            self._converge(name, v.name, replicas, ep, progress)
+            self.converge(name, v.name, replicas, ep, progress)
         except Exception as exc:
             self.store.end_operation(
                 name, EndpointStatus.IN_SERVICE, reason=f"scaling to {replicas} failed: {exc}"
@@ -509,26 +394,26 @@ class EndpointManager:
 
         self.store.update_endpoint(name, change)
 
-    def _converge(self, name: str, variant: str, desired: int, ep: Endpoint, progress: Progress) -> None:
+    def converge(self, name: str, variant: str, desired: int, ep: Endpoint, progress: Progress) -> None:
         """Start or retire replicas of `variant` (serving generation) until `desired` live ones remain."""
         live = [
             r
             for r in self.runtime.find_replicas(name)
-            if r.variant == variant and r.generation == ep.generation and r.state in _LIVE
+            if r.variant == variant and r.generation == ep.generation and r.state in LIVE
         ]
         if len(live) < desired:
-            started = self._start_replicas(
+            started = self.start_replicas(
                 ep.config, [(ep.config.variant(variant), desired - len(live))], ep.generation, progress
             )
             if ep.url is not None and started:
-                RouterClient(ep).wait_healthy([r.id for r in started], _ROUTER_SEES_S)
+                RouterClient(ep).wait_healthy([r.id for r in started], ROUTER_SEES_S)
         elif len(live) > desired:
             newest_first = sorted(live, key=lambda r: r.started_at, reverse=True)
             victims = newest_first[: len(live) - desired]
             progress(f"draining {', '.join(r.id for r in victims)}")
-            self._retire(name, victims, ep.config.drain_timeout_s)
+            self.retire(name, victims, ep.config.drain_timeout_s)
 
-    def _retire(self, name: str, records: list[ReplicaRecord], drain_timeout: float) -> None:
+    def retire(self, name: str, records: list[ReplicaRecord], drain_timeout: float) -> None:
         """Take replicas out of the router first (it stops sending them requests), then stop them."""
         if not records:
             return
@@ -539,7 +424,7 @@ class EndpointManager:
         with contextlib.suppress(NotFoundError, ValueError):
             ep = self.store.get_endpoint(name)
             if self.router_alive(ep):
-                RouterClient(ep).wait_not_routed([r.id for r in records], _ROUTER_SEES_S)
+                RouterClient(ep).wait_not_routed([r.id for r in records], ROUTER_SEES_S)
         with ThreadPoolExecutor(max_workers=len(records), thread_name_prefix="replica-stop") as pool:
             list(pool.map(lambda r: self.runtime.stop_replica(r, drain_timeout), records))
 
@@ -547,129 +432,8 @@ class EndpointManager:
     def reconcile(
         self, name: str, *, ensure_controller: bool = False, progress: Progress = _quiet
     ) -> list[str]:
-        """Make the processes match the state; returns what it did, in words.
-
-        Recovers an operation whose process died, retires replicas of stale generations,
-        replaces dead replicas (and live ones failing `/health` for 30 s, when called
-        repeatedly by the controller), starts or stops replicas to meet the desired counts,
-        restarts a dead router on the same URL and, with `ensure_controller`, a dead controller.
-        """
-        actions: list[str] = []
-
-        def did(message: str) -> None:
-            actions.append(message)
-            progress(message)
-
-        ep = self.store.get_endpoint(name)
-        if ep.operation is not None:
-            if ep.operation_pid is not None and running(ep.operation_pid):
-                return actions  # someone is working on it
-            self._recover(ep, did)
-            try:
-                ep = self.store.get_endpoint(name)
-            except NotFoundError:
-                return actions
-        if ep.status is not EndpointStatus.IN_SERVICE:
-            return actions
-        if not self._needs_reconcile(ep, ensure_controller):
-            return actions  # the common case: probed, nothing written
-        try:
-            ep = self.store.begin_operation(name, "reconcile")
-        except BusyError:
-            return actions
-        try:
-            self._reconcile_replicas(ep, did)
-            ep = self.store.get_endpoint(name)
-            if not self.router_alive(ep):
-                did("the router was down; restarting it")
-                self._start_router(ep)
-            if ensure_controller and not self.controller_alive(ep):
-                did("the controller was down; restarting it")
-                self._start_controller(name)
-        except Exception as exc:
-            with contextlib.suppress(NotFoundError):
-                self.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=f"reconcile failed: {exc}")
-            raise
-        self.store.end_operation(name, EndpointStatus.IN_SERVICE)
-        return actions
-
-    def _needs_reconcile(self, ep: Endpoint, ensure_controller: bool) -> bool:
-        """A read-only look (probes, no writes): is any replica, the router or the controller off?"""
-        replicas = self.runtime.find_replicas(ep.name)
-        now = time.monotonic()
-        for r in replicas:
-            if r.generation != ep.generation or r.state is ReplicaState.STOPPED:
-                return True
-            if r.state is ReplicaState.UNHEALTHY:
-                if now - self._unhealthy_since.setdefault(r.id, now) >= _UNHEALTHY_GRACE_S:
-                    return True
-            else:
-                self._unhealthy_since.pop(r.id, None)
-        for v in ep.config.variants:
-            if sum(r.variant == v.name and r.state in _LIVE for r in replicas) != ep.desired(v.name):
-                return True
-        if ensure_controller and not self.controller_alive(ep):
-            return True
-        return not self.router_alive(ep)
-
-    def _recover(self, ep: Endpoint, did: Progress) -> None:
-        """Finish or undo what an operation whose process died left behind."""
-        name, op = ep.name, ep.operation
-        did(f"recovering an interrupted {op} (pid {ep.operation_pid} is gone)")
-        if op == "create":
-            self._stop_all(name, ep.config.drain_timeout_s)
-            self.store.end_operation(
-                name,
-                EndpointStatus.FAILED,
-                reason=f"the create was interrupted (pid {ep.operation_pid} stopped)",
-            )
-        elif op == "delete":
-            self.delete(name)
-        elif op == "update" and ep.target is not None:  # not committed: back to the serving generation
-            green = [r for r in self.store.replicas(name) if r.generation > ep.generation]
-            self._retire(name, green, ep.config.drain_timeout_s)
-            self.store.end_operation(
-                name,
-                EndpointStatus.IN_SERVICE,
-                reason="the update was interrupted; rolled back",
-                target=None,
-                target_share=0.0,
-            )
-        else:  # a committed update, a scale, a reconcile: the next steps converge
-            self.store.end_operation(name, EndpointStatus.IN_SERVICE)
-
-    def _reconcile_replicas(self, ep: Endpoint, did: Progress) -> None:
-        name = ep.name
-        replicas = self.runtime.find_replicas(name)
-        stale = [r for r in replicas if r.generation != ep.generation and r.state.is_live]
-        if stale:
-            did(f"retiring {len(stale)} replica(s) of an old generation")
-            self._retire(name, stale, ep.config.drain_timeout_s)
-        now = time.monotonic()
-        for record in replicas:
-            if record.generation != ep.generation:
-                continue
-            if record.state is ReplicaState.STOPPED:
-                did(f"replica {record.id} died; replacing it")
-                self.runtime.stop_replica(record, 0)  # forgets it (and reaps it if it was our child)
-            elif record.state is ReplicaState.UNHEALTHY:
-                since = self._unhealthy_since.setdefault(record.id, now)
-                if now - since >= _UNHEALTHY_GRACE_S:
-                    did(f"replica {record.id} failed /health for {now - since:.0f}s; replacing it")
-                    self._unhealthy_since.pop(record.id, None)
-                    self.runtime.stop_replica(record, 0)
-            else:
-                self._unhealthy_since.pop(record.id, None)
-        for v in ep.config.variants:
-            desired = ep.desired(v.name)
-            live = [
-                r
-                for r in self.runtime.find_replicas(name)
-                if r.variant == v.name and r.generation == ep.generation and r.state in _LIVE
-            ]
-            if len(live) != desired:
-                did(f"{v.name}: {len(live)} live replica(s), {desired} desired")
-                self._converge(name, v.name, desired, ep, did)
+        """Make the processes match the state; returns what it did, in words (see `Reconciler`)."""
+        return self._reconciler.reconcile(name, ensure_controller=ensure_controller, progress=progress)
 
     # ------------------------------------------------------------ delete
     def delete(self, name: str, *, progress: Progress = _quiet) -> bool:
@@ -680,12 +444,12 @@ class EndpointManager:
         except NotFoundError:
             return False
         progress(f"endpoint {name!r} is Deleting")
-        self._stop_all(name, endpoint.config.drain_timeout_s)
+        self.stop_all(name, endpoint.config.drain_timeout_s)
         self.store.delete_endpoint(name)
         progress(f"endpoint {name!r} deleted")
         return True
 
-    def _stop_all(self, name: str, drain_timeout: float) -> None:
+    def stop_all(self, name: str, drain_timeout: float) -> None:
         """Controller first (it would replace what we stop), router next (no new requests reach
         replicas), then every replica in parallel."""
         with contextlib.suppress(NotFoundError):
@@ -696,30 +460,11 @@ class EndpointManager:
         if records:
             with ThreadPoolExecutor(max_workers=len(records), thread_name_prefix="replica-stop") as pool:
                 list(pool.map(lambda r: self.runtime.stop_replica(r, drain_timeout), records))
-
-
-_LIVE = (ReplicaState.STARTING, ReplicaState.HEALTHY, ReplicaState.UNHEALTHY)
-
-
-def _can_update(ep: Endpoint) -> str | None:
-    if ep.status is EndpointStatus.IN_SERVICE:
-        return None
-    return f"it is {ep.status} (a Failed endpoint is deleted and created again)"
+        self.runtime.sweep_orphans(name)  # started by a control process killed before it recorded them
 
 
 def _can_scale(ep: Endpoint) -> str | None:
     return None if ep.status is EndpointStatus.IN_SERVICE else f"it is {ep.status}, not InService"
-
-
-def _initial_count(ep: Endpoint, variant: VariantConfig, target: EndpointConfig) -> int:
-    """Green's replicas: the target's count, unless autoscaling owns the variant; then what the
-    same-named variant runs now (the autoscaler's choice survives), within the new bounds."""
-    policy = target.autoscaling
-    if policy is None or policy.variant not in (None, variant.name):
-        return variant.replicas
-    names = {v.name for v in ep.config.variants}
-    count = ep.desired(variant.name) if variant.name in names else variant.replicas
-    return min(max(count, policy.min_replicas), policy.max_replicas)
 
 
 def _port_of(url: str) -> int | None:

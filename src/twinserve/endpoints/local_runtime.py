@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 
 import httpx
+import psutil
 
 from twinserve.config import get_settings
 from twinserve.endpoints.processes import has_option, live_cmdline, terminate
@@ -42,9 +43,16 @@ def serve_args(endpoint: EndpointConfig, variant: VariantConfig) -> list[str]:
     return args + variant.limits.serve_args()
 
 
-def serve_env(endpoint: EndpointConfig, variant: VariantConfig, replica_id: str) -> dict[str, str]:
-    """Environment additions for one replica: the key (both names: TWINSERVE_API_KEY wins in serve)."""
-    env = {"TWINSERVE_REPLICA_ID": replica_id}
+def serve_env(
+    endpoint: EndpointConfig, variant: VariantConfig, replica_id: str, state: Path
+) -> dict[str, str]:
+    """Environment additions for one replica: who it is (so `sweep_orphans` can find it even
+    when no record of it was written) and the key (both names: TWINSERVE_API_KEY wins in serve)."""
+    env = {
+        "TWINSERVE_REPLICA_ID": replica_id,
+        "TWINSERVE_ENDPOINT": endpoint.name,
+        "TWINSERVE_ENDPOINT_STATE": str(state),
+    }
     if endpoint.api_key is not None:
         key = endpoint.api_key.get_secret_value()
         env["API_KEY"] = key
@@ -78,7 +86,7 @@ class LocalRuntime:
         proc = ServerProcess(
             serve_args(endpoint, variant),
             port=port,
-            env=serve_env(endpoint, variant, replica_id),
+            env=serve_env(endpoint, variant, replica_id, self.store.path),
             log_path=log_path,
         )
         record = ReplicaRecord(
@@ -124,6 +132,28 @@ class LocalRuntime:
             terminate(record.pid, drain_timeout + _EXIT_GRACE_S)
         self.store.remove_replica(record.id)
 
+    def sweep_orphans(self, endpoint_name: str, drain_timeout: float = 0.0) -> list[int]:
+        """Stop replica processes of this endpoint (and state store) that have no record: left by
+        a control process killed between starting a replica and recording it. Call it only while
+        holding the endpoint (no one else is starting replicas). Returns the pids stopped."""
+        known = {r.id for r in self.store.replicas(endpoint_name)}
+        stopped = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if "serve" not in cmdline or not any("twinserve" in a for a in cmdline):
+                continue
+            try:
+                env = proc.environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            ours = env.get("TWINSERVE_ENDPOINT") == endpoint_name and env.get(
+                "TWINSERVE_ENDPOINT_STATE"
+            ) == str(self.store.path)
+            if ours and env.get("TWINSERVE_REPLICA_ID") not in known:
+                terminate(proc.pid, drain_timeout + _EXIT_GRACE_S)
+                stopped.append(proc.pid)
+        return stopped
+
     def replica_alive(self, record: ReplicaRecord) -> bool:
         return _is_ours(record) and _healthy(record.url)
 
@@ -136,7 +166,10 @@ class LocalRuntime:
         for record in self.store.replicas(endpoint_name):
             state = _observed_state(record)
             if state is not record.state:
-                record = self.store.put_replica(record.model_copy(update={"state": state}))
+                observed = self.store.observe_replica(record, state)
+                if observed is None:
+                    continue  # retired while we probed
+                record = observed
             found.append(record)
         return found
 

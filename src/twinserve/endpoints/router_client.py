@@ -19,6 +19,7 @@ from twinserve.endpoints.spec import Endpoint
 from twinserve.server.process import probe_client
 
 _TIMEOUT_S = 2.0
+ROUTER_SEES_S = 15.0  # how long the router may take to apply a change (store sync 0.5 s + a health round)
 
 
 class RouterClient:

@@ -28,7 +28,14 @@ from pathlib import Path
 
 from twinserve.config import get_settings
 from twinserve.endpoints.processes import running
-from twinserve.endpoints.spec import Endpoint, EndpointStatus, ReplicaRecord, ScalingEvent, utcnow
+from twinserve.endpoints.spec import (
+    Endpoint,
+    EndpointStatus,
+    ReplicaRecord,
+    ReplicaState,
+    ScalingEvent,
+    utcnow,
+)
 from twinserve.errors import BusyError, ConflictError, NotFoundError
 
 SCHEMA_VERSION = 1
@@ -243,6 +250,25 @@ class StateStore:
                 (record.id, record.endpoint, record.variant, str(record.state), record.model_dump_json()),
             )
         return record
+
+    def observe_replica(self, record: ReplicaRecord, state: ReplicaState) -> ReplicaRecord | None:
+        """Record a probed `state` only if the row still exists in the state the probe started
+        from (compare-and-set): a slow probe never resurrects a replica that was retired
+        meanwhile, nor overwrites what its owner wrote since. None if the row is gone; the
+        stored record (changed or not) otherwise."""
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM replicas WHERE id = ?", (record.id,)).fetchone()
+            if row is None:
+                return None
+            current = ReplicaRecord.model_validate_json(row[0])
+            if current.state is not record.state:
+                return current  # someone else changed it after we read it: theirs wins
+            updated = current.model_copy(update={"state": state})
+            db.execute(
+                "UPDATE replicas SET state = ?, body = ? WHERE id = ?",
+                (str(state), updated.model_dump_json(), record.id),
+            )
+            return updated
 
     def get_replica(self, replica_id: str) -> ReplicaRecord:
         with self._connect() as db:

@@ -14,9 +14,10 @@ import pytest
 
 from tests.factories import tiny_llama_dir
 from tests.servers import process_gone
-from twinserve.endpoints.control import EndpointManager, UpdateRolledBackError
+from twinserve.endpoints.control import EndpointManager
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.processes import running
+from twinserve.endpoints.rollout import UpdateRolledBackError
 from twinserve.endpoints.spec import EndpointConfig, EndpointStatus, ReplicaState
 from twinserve.endpoints.state import StateStore
 from twinserve.errors import BusyError, ValidationError
@@ -206,7 +207,7 @@ def test_one_operation_at_a_time(manager: EndpointManager, tiny_model_dir: Path)
     manager.create(_config(tiny_model_dir), controller=False)
     manager.store.begin_operation("twin", "update", EndpointStatus.UPDATING)  # held by this live process
     with pytest.raises(BusyError, match="running update"):
-        manager._begin("twin", "scale", EndpointStatus.UPDATING, lambda _: None, wait_s=0)
+        manager.begin("twin", "scale", EndpointStatus.UPDATING, lambda _: None, wait_s=0)
 
 
 def test_reconcile_replaces_dead_replicas_and_restarts_the_router(
@@ -225,7 +226,9 @@ def test_reconcile_replaces_dead_replicas_and_restarts_the_router(
     assert after.url == endpoint.url and after.router_pid != endpoint.router_pid
     assert len(after.replicas) == 2 and victim.id not in {r.id for r in after.replicas}
     assert all(r.state is ReplicaState.HEALTHY for r in after.replicas)
-    r = httpx.post(f"{after.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    r = httpx.post(
+        f"{after.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60
+    )
     assert r.status_code == 200
     assert manager.reconcile("twin") == []  # nothing left to do
 
@@ -240,7 +243,8 @@ def test_reconcile_rolls_back_an_interrupted_update(
     green = manager.runtime.start_replica(target, target.variants[0], generation=2)
     dead_pid = _dead_pid()
     manager.store.update_endpoint(
-        "twin", lambda e: e.model_copy(update={"target": target, "target_share": 0.5, "operation_pid": dead_pid})
+        "twin",
+        lambda e: e.model_copy(update={"target": target, "target_share": 0.5, "operation_pid": dead_pid}),
     )
     actions = manager.reconcile("twin")
     assert any("interrupted update" in a for a in actions)
@@ -259,7 +263,9 @@ def test_controller_replaces_a_dead_replica(manager: EndpointManager, tiny_model
 
     def replaced() -> bool:
         replicas = manager.describe("twin").replicas
-        return len(replicas) == 1 and replicas[0].id != victim.id and replicas[0].state is ReplicaState.HEALTHY
+        return (
+            len(replicas) == 1 and replicas[0].id != victim.id and replicas[0].state is ReplicaState.HEALTHY
+        )
 
     _wait(replaced, 120, "the controller to replace the replica")
     assert "died" in manager.logs("twin")["controller"]
@@ -333,3 +339,16 @@ def test_a_canary_that_dies_while_baking_is_rolled_back(
     assert len(load.failures) <= 1, load.failures
     after = manager.describe("twin")
     assert after.generation == 1 and [r.id for r in after.replicas] == [endpoint.replicas[0].id]
+
+
+def test_delete_stops_a_replica_that_was_never_recorded(
+    manager: EndpointManager, tiny_model_dir: Path
+) -> None:
+    config = _config(tiny_model_dir)
+    manager.create(config, controller=False)
+    # as if a control process died between starting a replica and recording it
+    orphan = manager.runtime.start_replica(config, config.variants[0])
+    manager.store.remove_replica(orphan.id)
+    assert orphan.pid and running(orphan.pid)
+    manager.delete("twin")
+    assert not running(orphan.pid)
