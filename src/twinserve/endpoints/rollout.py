@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import httpx
+from pydantic import SecretStr
 
 from twinserve.endpoints.router_client import ROUTER_SEES_S, RouterClient
 from twinserve.endpoints.spec import (
@@ -53,14 +54,22 @@ def update(
 ) -> Endpoint:
     """Blue/green: serve `target` with no request dropped; roll back if it does not come up.
 
-    Green gets the replica count each same-named variant has now (autoscaling's choice
-    survives an update). Traffic moves to green through `canary_percent` steps, each held
+    Green gets the target's replica counts; a variant autoscaling owns keeps the count it has
+    now (the autoscaler's choice survives an update). The API key must stay the same (the
+    router and the clients would disagree mid-update; rotate by creating a new endpoint).
+    Traffic moves to green through `canary_percent` steps, each held
     `bake_s` seconds while green's replicas must stay healthy and error-free, then 100%.
     Raises UpdateRolledBackError after a rollback (the endpoint is InService on the old
     generation, the reason in `failure_reason`); ConflictError while another operation runs.
     """
     if target.name != name:
         raise ValidationError(f"the config is for endpoint {target.name!r}, not {name!r}")
+    current_key = manager.store.get_endpoint(name).config.api_key
+    if _secret(target.api_key) != _secret(current_key):
+        raise ValidationError(
+            "an update cannot change the API key (clients and replicas would disagree mid-update); "
+            "leave api_key out to keep it, or create a new endpoint with the new key"
+        )
     steps = sorted({float(p) for p in canary_percent if 0 < float(p) < 100}) + [100.0]
     ep = manager.begin(name, "update", EndpointStatus.UPDATING, _can_update)
     generation = ep.generation + 1
@@ -170,6 +179,10 @@ def _roll_back(
         manager.retire(name, green, ep.config.drain_timeout_s)
         manager.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=reason, target=None)
         progress(f"endpoint {name!r} is InService on generation {generation - 1}")
+
+
+def _secret(key: SecretStr | None) -> str | None:
+    return None if key is None else key.get_secret_value()
 
 
 def _can_update(ep: Endpoint) -> str | None:

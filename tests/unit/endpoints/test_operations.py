@@ -352,3 +352,14 @@ def test_delete_stops_a_replica_that_was_never_recorded(
     assert orphan.pid and running(orphan.pid)
     manager.delete("twin")
     assert not running(orphan.pid)
+
+
+def test_an_update_cannot_change_the_api_key(manager: EndpointManager, tiny_model_dir: Path) -> None:
+    from twinserve.endpoints.spec import Endpoint
+
+    manager.store.put_endpoint(Endpoint.new(_config(tiny_model_dir, api_key="old-key")))  # state only
+    with pytest.raises(ValidationError, match="cannot change the API key"):
+        manager.update("twin", _config(tiny_model_dir, api_key="new-key"))
+    with pytest.raises(ValidationError, match="cannot change the API key"):
+        manager.update("twin", _config(tiny_model_dir))  # dropping it is a change too
+    assert manager.store.get_endpoint("twin").operation is None  # refused before taking the endpoint
