@@ -34,6 +34,7 @@ from twinserve.errors import ConflictError, NotFoundError, TwinserveError
 log = logging.getLogger("twinserve.controller")
 
 MODULE = "twinserve.endpoints.controller"
+_MAX_BACKOFF_S = 300.0
 
 
 class Controller:
@@ -54,7 +55,8 @@ class Controller:
         self._autoscaler: Autoscaler | None = None
         self._scaler_key: tuple[int, str] | None = None  # (generation, policy json) it was built for
         self._routed: dict[str, int] = {}  # last routed_total per traffic group
-        self._last_reconcile = float("-inf")
+        self._next_reconcile = float("-inf")
+        self._reconcile_failures = 0
 
     def step(self) -> bool:
         """One tick; False once the endpoint is gone (the loop ends)."""
@@ -63,14 +65,19 @@ class Controller:
         except NotFoundError:
             return False
         now = self.clock()
-        if now - self._last_reconcile >= self.reconcile_every:
-            self._last_reconcile = now
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + self.reconcile_every
             try:
                 self.manager.reconcile(self.name, progress=lambda action: log.info("reconcile: %s", action))
+                self._reconcile_failures = 0
             except NotFoundError:
                 return False
             except Exception:
-                log.exception("reconcile failed; trying again next round")
+                # e.g. a replacement that crashes at start: back off (2, 4, 8 … 300 s), no tight loop
+                self._reconcile_failures += 1
+                delay = min(_MAX_BACKOFF_S, self.reconcile_every * 2**self._reconcile_failures)
+                self._next_reconcile = now + delay
+                log.exception("reconcile failed; next try in %.0fs", delay)
             try:
                 endpoint = self.manager.store.get_endpoint(self.name)
             except NotFoundError:

@@ -151,7 +151,8 @@ class Reconciler:
                 if now - since >= UNHEALTHY_GRACE_S:
                     did(f"replica {record.id} failed /health for {now - since:.0f}s; replacing it")
                     self._unhealthy_since.pop(record.id, None)
-                    self.manager.runtime.stop_replica(record, 0)
+                    # alive: out of the router first, in-flight requests may finish
+                    self.manager.retire(name, [record], ep.config.drain_timeout_s)
             else:
                 self._unhealthy_since.pop(record.id, None)
         for v in ep.config.variants:

@@ -363,3 +363,31 @@ def test_an_update_cannot_change_the_api_key(manager: EndpointManager, tiny_mode
     with pytest.raises(ValidationError, match="cannot change the API key"):
         manager.update("twin", _config(tiny_model_dir))  # dropping it is a change too
     assert manager.store.get_endpoint("twin").operation is None  # refused before taking the endpoint
+
+
+def test_the_controller_backs_off_from_a_replica_that_cannot_start(
+    manager: EndpointManager, tmp_path: Path
+) -> None:
+    from twinserve.endpoints.controller import Controller
+    from twinserve.endpoints.spec import Endpoint
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    # InService with one desired replica and none running (it died; its model is gone now)
+    manager.store.put_endpoint(
+        Endpoint.new(_config(broken)).model_copy(update={"status": EndpointStatus.IN_SERVICE})
+    )
+    now = [0.0]
+    controller = Controller(manager, "twin", reconcile_every=2.0, clock=lambda: now[0])
+
+    def attempts() -> int:
+        return len(list(manager.endpoint_dir("twin").glob("twin-primary-*.log")))
+
+    for t, expected in ((0.0, 1), (3.0, 1), (4.1, 2), (10.0, 2), (12.2, 3)):
+        now[0] = t
+        assert controller.step()
+        assert attempts() == expected, t  # 2 s, then 4, then 8: no tight restart loop
+    ep = manager.store.get_endpoint("twin")
+    assert ep.status is EndpointStatus.IN_SERVICE and ep.operation is None
+    assert ep.failure_reason and "reconcile failed" in ep.failure_reason
