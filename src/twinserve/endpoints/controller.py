@@ -73,7 +73,7 @@ class Controller:
             except NotFoundError:
                 return False
             except Exception:
-                # e.g. a replacement that crashes at start: back off (2, 4, 8 … 300 s), no tight loop
+                # e.g. a replacement that crashes at start: back off (4, 8, 16 … 300 s), no tight loop
                 self._reconcile_failures += 1
                 delay = min(_MAX_BACKOFF_S, self.reconcile_every * 2**self._reconcile_failures)
                 self._next_reconcile = now + delay
