@@ -40,7 +40,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from twinserve.bench.prompts import QUESTIONS, chat_messages
-from twinserve.bench.serve_bench import ServeBenchConfig, serve_bench
+from twinserve.bench.serve_bench import ServeBenchConfig, chat_workload, serve_bench
 from twinserve.config import Dtype
 from twinserve.endpoints.control import EndpointManager
 from twinserve.endpoints.local_runtime import LocalRuntime
@@ -335,23 +335,11 @@ def _sigterm_interrupts() -> Iterator[None]:
 def router_part(
     manager: EndpointManager, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
 ) -> RouterResult:
-    prompts_file = workdir / "prompts.jsonl"
-    prompts_file.write_text(
-        "".join(json.dumps({"messages": m}) + "\n" for m in chat_messages(cfg.concurrency))
-    )
     with _endpoint(manager, endpoint_config(cfg, "bench-router"), controller=False, progress=progress) as ep:
         assert ep.url is not None  # InService: the router runs
         urls = {"router": ep.url, "direct": ep.replicas[0].url}
-        bench = ServeBenchConfig(
-            url=ep.url,
-            api="openai",
-            chat=True,
-            concurrency=cfg.concurrency,
-            num_prompts=cfg.concurrency,
-            max_new_tokens=cfg.max_new_tokens,
-            prompts_file=prompts_file,
-            warmup=1,
-        )
+        conversations = chat_messages(cfg.concurrency)
+        bench = chat_workload(ep.url, conversations, workdir, max_new_tokens=cfg.max_new_tokens)
         progress(f"warm-up: one unmeasured W{cfg.concurrency} run")
         _side(bench, urls["direct"])
         rounds = []

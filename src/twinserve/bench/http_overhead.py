@@ -8,7 +8,6 @@ so the machine's drift hits both; the report gives each round's ratio and their 
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twinserve.bench.engine_bench import EngineBenchConfig, EngineSide
 from twinserve.bench.prompts import chat_messages
-from twinserve.bench.serve_bench import ServeBenchConfig, serve_bench
+from twinserve.bench.serve_bench import ServeBenchConfig, chat_workload, serve_bench
 from twinserve.config import Dtype, EngineConfig
 from twinserve.engine.async_engine import AsyncEngine
 from twinserve.engine.chat import render_chat
@@ -66,8 +65,6 @@ def run_http_overhead_bench(
 ) -> HttpOverheadReport:
     conversations = chat_messages(cfg.concurrency)
     with tempfile.TemporaryDirectory() as tmp:
-        prompts_file = Path(tmp) / "prompts.jsonl"
-        prompts_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
         progress("starting the server")
         server = ServerProcess(
             [
@@ -100,15 +97,8 @@ def run_http_overhead_bench(
                 )
                 side = EngineSide(engine, bench_cfg)
                 prompts = [render_chat(engine.engine.tokenizer, m) for m in conversations]
-                http_cfg = ServeBenchConfig(
-                    url=server.url,
-                    api="openai",
-                    chat=True,
-                    concurrency=cfg.concurrency,
-                    num_prompts=cfg.concurrency,
-                    max_new_tokens=cfg.max_new_tokens,
-                    prompts_file=prompts_file,
-                    warmup=1,
+                http_cfg = chat_workload(
+                    server.url, conversations, Path(tmp), max_new_tokens=cfg.max_new_tokens
                 )
                 rounds = [_round(i, side, prompts, http_cfg, progress) for i in range(cfg.rounds)]
             finally:

@@ -115,6 +115,26 @@ class _PromptLine(BaseModel):
         return self
 
 
+def chat_workload(
+    url: str, conversations: list[list[dict[str, str]]], folder: Path, *, max_new_tokens: int
+) -> ServeBenchConfig:
+    """W{n}: every conversation as one streamed chat request, all at once, after one unmeasured
+    request. The conversations go to `folder/prompts.jsonl` (what `--prompts-file` reads)."""
+    prompts_file = folder / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    n = len(conversations)
+    return ServeBenchConfig(
+        url=url,
+        api="openai",
+        chat=True,
+        concurrency=n,
+        num_prompts=n,
+        max_new_tokens=max_new_tokens,
+        prompts_file=prompts_file,
+        warmup=1,
+    )
+
+
 def load_prompts(path: Path | None) -> list[BenchPrompt]:
     """The JSONL file's prompts, or the built-in questions (as raw prompts)."""
     if path is None:

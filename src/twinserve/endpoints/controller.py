@@ -25,6 +25,7 @@ import httpx
 
 from twinserve.endpoints.autoscale import Autoscaler, LoadSample
 from twinserve.endpoints.control import EndpointManager
+from twinserve.endpoints.daemons import configure_logging
 from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.router_client import RouterClient
 from twinserve.endpoints.spec import Endpoint, EndpointStatus, traffic_group
@@ -163,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="Seconds between load samples.")
     parser.add_argument("--reconcile-every", type=float, default=2.0, help="Seconds between reconciles.")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     store = StateStore(args.state)
     manager = EndpointManager(store, LocalRuntime(store, home=args.home))
     run(manager, args.endpoint, interval=args.interval, reconcile_every=args.reconcile_every)

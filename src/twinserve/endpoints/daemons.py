@@ -8,6 +8,7 @@ reused, and a stale record must never make us signal someone else's process.
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -15,6 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twinserve.endpoints.processes import has_option, kill_group, live_cmdline, terminate
+
+
+def configure_logging() -> None:
+    """One log format for the helper processes' log files; httpx's line per health probe (every
+    second, per replica) would bury the lines that matter."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @dataclass

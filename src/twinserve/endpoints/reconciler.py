@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from twinserve.endpoints.processes import running
+from twinserve.endpoints.rollout import abandon_target
 from twinserve.endpoints.spec import Endpoint, EndpointStatus, ReplicaState
 from twinserve.errors import BusyError, NotFoundError
 
@@ -120,15 +121,7 @@ class Reconciler:
         elif op == "delete":
             self.manager.delete(name)
         elif op == "update" and ep.target is not None:  # not committed: back to the serving generation
-            green = [r for r in self.manager.store.replicas(name) if r.generation > ep.generation]
-            self.manager.retire(name, green, ep.config.drain_timeout_s)
-            self.manager.store.end_operation(
-                name,
-                EndpointStatus.IN_SERVICE,
-                reason="the update was interrupted; rolled back",
-                target=None,
-                target_share=0.0,
-            )
+            abandon_target(self.manager, name, "the update was interrupted; rolled back")
         else:  # a committed update, a scale, a reconcile: the next steps converge
             self.manager.store.end_operation(name, EndpointStatus.IN_SERVICE)
 
@@ -155,11 +148,12 @@ class Reconciler:
                     self.manager.retire(name, [record], ep.config.drain_timeout_s)
             else:
                 self._unhealthy_since.pop(record.id, None)
+        remaining = self.manager.store.replicas(name)  # after the removals above; probed just now
         for v in ep.config.variants:
             desired = ep.desired(v.name)
             live = [
                 r
-                for r in self.manager.runtime.find_replicas(name)
+                for r in remaining
                 if r.variant == v.name and r.generation == ep.generation and r.state in LIVE
             ]
             if len(live) != desired:

@@ -171,14 +171,22 @@ def _roll_back(
     reason = f"update to generation {generation} rolled back: {str(exc) or type(exc).__name__}"
     progress(f"{reason}; rolling back")
     with contextlib.suppress(NotFoundError):
-        ep = manager.store.update_endpoint(
+        manager.store.update_endpoint(
             name,
             lambda e: e.model_copy(update={"status": EndpointStatus.ROLLING_BACK, "target_share": 0.0}),
         )
-        green = [r for r in manager.store.replicas(name) if r.generation >= generation]
-        manager.retire(name, green, ep.config.drain_timeout_s)
-        manager.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=reason, target=None)
+        abandon_target(manager, name, reason)
         progress(f"endpoint {name!r} is InService on generation {generation - 1}")
+
+
+def abandon_target(manager: EndpointManager, name: str, reason: str) -> None:
+    """Undo an uncommitted update: the target's replicas leave the router and stop, the endpoint
+    is InService on its serving generation with `reason` recorded. Also what reconcile does
+    for an update whose process died."""
+    ep = manager.store.get_endpoint(name)
+    green = [r for r in ep.replicas if r.generation > ep.generation]
+    manager.retire(name, green, ep.config.drain_timeout_s)
+    manager.store.end_operation(name, EndpointStatus.IN_SERVICE, reason=reason, target=None, target_share=0.0)
 
 
 def _secret(key: SecretStr | None) -> str | None:

@@ -53,23 +53,18 @@ class RouterClient:
 
     def wait_weights(self, want: dict[str, float], timeout: float) -> bool:
         """Poll until the router applies `want` (it syncs them from the store)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.weights() == want:
-                    return True
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+        return self._poll(lambda: self.weights() == want, timeout)
 
     def wait_for(self, check: Callable[[list[dict[str, Any]]], bool], timeout: float) -> bool:
         """Poll the pool until `check(replicas)` holds (True) or `timeout` passes (False)."""
+        return self._poll(lambda: check(self.replicas()), timeout)
+
+    @staticmethod
+    def _poll(condition: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if check(self.replicas()):
+                if condition():
                     return True
             except (httpx.HTTPError, ValueError):
                 pass  # a router restarting: keep asking until the deadline

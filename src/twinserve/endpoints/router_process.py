@@ -16,6 +16,7 @@ import logging
 import threading
 from pathlib import Path
 
+from twinserve.endpoints.daemons import configure_logging
 from twinserve.endpoints.router import RouterApp, create_router_app
 from twinserve.endpoints.router_metrics import metrics_exposition
 from twinserve.endpoints.router_pool import ReplicaPool, ReplicaSpec
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-interval", type=float, default=0.5, help="Seconds between store reads.")
     parser.add_argument("--drain", type=float, default=30.0, help="Seconds in-flight requests may finish.")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe would bury the rest
+    configure_logging()
     run(args.endpoint, args.port, args.state, sync_interval=args.sync_interval, drain_s=args.drain)
 
 

@@ -167,17 +167,6 @@ class StateStore:
         with self._tx() as db:
             return self._write(db, change(self._read(db, name)), check_revision=False)
 
-    def update_status(self, name: str, status: EndpointStatus, reason: str | None = None) -> Endpoint:
-        """Set the status; a reason sets `failure_reason`, InService clears it."""
-
-        def change(ep: Endpoint) -> Endpoint:
-            failure = reason if reason is not None else ep.failure_reason
-            if status is EndpointStatus.IN_SERVICE and reason is None:
-                failure = None
-            return ep.model_copy(update={"status": status, "failure_reason": failure})
-
-        return self.update_endpoint(name, change)
-
     def begin_operation(
         self,
         name: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,25 +12,11 @@ import pytest
 from tests.servers import process_gone
 from twinserve.client import LLMClient
 from twinserve.endpoints.control import EndpointManager
-from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.runtime import ReplicaStartError
 from twinserve.endpoints.spec import EndpointConfig, EndpointStatus, ReplicaState
-from twinserve.endpoints.state import StateStore
 from twinserve.errors import ConflictError, NotFoundError, UnauthorizedError
 
 KEY = "k3y-for-control-tests"
-
-
-@pytest.fixture
-def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EndpointManager]:
-    monkeypatch.setenv("TWINSERVE_HOME", str(tmp_path))
-    store = StateStore(tmp_path / "endpoints" / "state.db")
-    manager = EndpointManager(store, LocalRuntime(store, home=tmp_path))
-    try:
-        yield manager
-    finally:  # whatever failed above, no process outlives the test
-        for endpoint in store.list_endpoints():
-            manager.delete(endpoint.name)
 
 
 def _config(model: Path, name: str, *, replicas: int = 1, api_key: str | None = None) -> EndpointConfig:

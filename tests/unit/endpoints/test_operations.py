@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,24 +15,10 @@ import pytest
 from tests.factories import tiny_llama_dir
 from tests.servers import process_gone
 from twinserve.endpoints.control import EndpointManager
-from twinserve.endpoints.local_runtime import LocalRuntime
 from twinserve.endpoints.processes import running
 from twinserve.endpoints.rollout import UpdateRolledBackError
 from twinserve.endpoints.spec import EndpointConfig, EndpointStatus, ReplicaState
-from twinserve.endpoints.state import StateStore
 from twinserve.errors import BusyError, ValidationError
-
-
-@pytest.fixture
-def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EndpointManager]:
-    monkeypatch.setenv("TWINSERVE_HOME", str(tmp_path))
-    store = StateStore(tmp_path / "endpoints" / "state.db")
-    manager = EndpointManager(store, LocalRuntime(store, home=tmp_path))
-    try:
-        yield manager
-    finally:  # whatever failed above, no process outlives the test
-        for endpoint in store.list_endpoints():
-            manager.delete(endpoint.name)
 
 
 @pytest.fixture(scope="module")

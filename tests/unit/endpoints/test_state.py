@@ -66,16 +66,19 @@ def test_revisions_catch_lost_updates(tmp_path: Path) -> None:
         store.put_endpoint(first)
 
 
-def test_update_status_sets_and_clears_reason(tmp_path: Path) -> None:
+def test_end_operation_sets_keeps_and_clears_the_reason(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.db")
     store.put_endpoint(_endpoint())
-    failed = store.update_status("twin", EndpointStatus.FAILED, "replica exited: bad weights")
-    assert failed.status is EndpointStatus.FAILED
+    store.begin_operation("twin", "create")
+    failed = store.end_operation("twin", EndpointStatus.FAILED, reason="replica exited: bad weights")
+    assert failed.status is EndpointStatus.FAILED and failed.operation is None
     assert failed.failure_reason == "replica exited: bad weights"
     assert failed.updated_at >= failed.created_at
-    assert store.update_status("twin", EndpointStatus.IN_SERVICE).failure_reason is None
+    kept = store.end_operation("twin", EndpointStatus.IN_SERVICE)  # an earlier failure stays on record
+    assert kept.failure_reason == "replica exited: bad weights"
+    assert store.end_operation("twin", EndpointStatus.IN_SERVICE, clear_failure=True).failure_reason is None
     with pytest.raises(NotFoundError):
-        store.update_status("nope", EndpointStatus.FAILED)
+        store.end_operation("nope", EndpointStatus.FAILED)
 
 
 def test_replicas_and_events(tmp_path: Path) -> None:
