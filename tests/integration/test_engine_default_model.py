@@ -86,3 +86,64 @@ def test_greedy_matches_transformers_in_fp32(fp32_engine: AsyncEngine, default_m
         final = asyncio.run(fp32_engine.generate_text(request))
         assert final.details is not None
         assert [t.id for t in final.details.tokens] == expected
+
+
+def test_int8_keeps_most_greedy_choices_of_fp32_thanks_to_smoothing(default_model_path: Path) -> None:
+    """Teacher-forced next-token choices over chat turns: int8 vs fp32, with and without SmoothQuant.
+
+    Measured 2026-11-22: smoothed 84% same top-1, KL 0.10; unsmoothed 51%, KL 1.04.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from twinserve.engine.kv_cache import SlotKVCache
+    from twinserve.engine.loader import read_weights, safetensors_files
+    from twinserve.engine.models.llama import ForwardBatch, LlamaModel
+    from twinserve.engine.smoothquant import calibration_token_ids
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    config = AutoConfig.from_pretrained(default_model_path)
+    weights, _ = read_weights(safetensors_files(default_model_path))
+    answer = " The capital of France is Paris, a city known for art, food and the Eiffel Tower."
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False) + answer for q in QUESTIONS
+    ]
+    sequences = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def logits(**kwargs: object) -> list[torch.Tensor]:
+        model = LlamaModel(config, dict(weights), device=torch.device("cpu"), **kwargs)  # type: ignore[arg-type]
+        out = []
+        for ids in sequences:
+            n, s = len(ids), model.shape
+            cache = SlotKVCache(s.num_layers, s.num_kv_heads, s.head_dim, model.act_dtype, model.device)
+            cache.fit(1, n, 0, n)
+            batch = ForwardBatch(
+                input_ids=torch.tensor([ids]),
+                positions=torch.arange(n)[None],
+                slots=torch.tensor([0]),
+                is_prefill=True,
+                attn_len=n,
+                lengths=torch.tensor([n]),
+            )
+            out.append(model.forward(batch, cache, torch.arange(n)))
+        return out
+
+    def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
+        total = sum(r.shape[0] for r in ref)
+        same = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(ref, got, strict=True))
+        kl = sum(
+            float(
+                torch.nn.functional.kl_div(
+                    g.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="sum"
+                )
+            )
+            for r, g in zip(ref, got, strict=True)
+        )
+        return same / total, kl / total
+
+    ref = logits(dtype=torch.float32)
+    smoothed = compare(
+        ref, logits(dtype=torch.float32, quantize="int8", calibration_ids=calibration_token_ids(tok))
+    )
+    plain = compare(ref, logits(dtype=torch.float32, quantize="int8"))
+    assert smoothed[0] >= 0.75 and smoothed[1] < plain[1] / 3, (smoothed, plain)

@@ -11,6 +11,8 @@ compare. Workloads:
 Peak RSS is sampled while the engine runs W32 alone, before the baseline model is loaded.
 Then the two run in turn (engine W32 is run again after the baseline's, and W1/TTFT
 alternate request by request), so that slow drift of a shared machine hits both sides.
+The baseline runs on the engine's thread (`AsyncEngine.call`), as the engine does: a
+second thread doing torch work would make both sides pay OpenMP futex wake-ups.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import psutil
@@ -30,7 +33,6 @@ from twinserve.bench.prompts import chat_messages, long_prompt_ids
 from twinserve.config import Dtype, EngineConfig, Quantize
 from twinserve.engine.async_engine import AsyncEngine
 from twinserve.engine.chat import render_chat
-from twinserve.engine.factory import build_engine
 from twinserve.engine.request import GenerateRequest, SamplingParams
 
 Progress = Callable[[str], None]
@@ -158,7 +160,10 @@ class EngineSide:
 
 
 class _BaselineSide:
-    """transformers `generate` with static left-padded batches, the same prompts."""
+    """transformers `generate` with static left-padded batches, the same prompts.
+
+    Build and use it only through `AsyncEngine.call` (see the module docstring).
+    """
 
     def __init__(self, cfg: EngineBenchConfig, dtype: torch.dtype) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -213,8 +218,7 @@ def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None
         max_batch_size=max(64, cfg.concurrency),
         max_concurrent_requests=max(128, cfg.concurrency),
     )
-    async_engine = AsyncEngine(build_engine(engine_cfg))
-    async_engine.start()
+    async_engine = AsyncEngine.launch(engine_cfg)
     try:
         return _measure(cfg, EngineSide(async_engine, cfg), progress)
     finally:
@@ -222,6 +226,7 @@ def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None
 
 
 def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> EngineBenchReport:
+    on_engine = eng.engine.call
     tokenizer = eng.engine.engine.tokenizer
     loaded = eng.engine.engine.loaded
     dtype = loaded.dtype if loaded is not None else torch.float32
@@ -237,9 +242,10 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
     if cfg.baseline:
         progress("loading transformers")
         # int8 has no transformers twin here; the baseline computes in the engine's activation dtype
-        base = _BaselineSide(cfg, torch.float32 if cfg.quantize == "int8" else dtype)
+        base_dtype = torch.float32 if cfg.quantize == "int8" else dtype
+        base = on_engine(partial(_BaselineSide, cfg, base_dtype))
         progress(f"transformers {name}")
-        base_batch = base.batch(prompts)
+        base_batch = on_engine(partial(base.batch, prompts))
         progress(f"engine {name} (again, after the baseline)")
         runs.append(eng.batch(prompts))
     tokens = sum(r[0] for r in runs)
@@ -258,7 +264,7 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
     for p in singles:
         e1.append(eng.single(p))
         if base is not None:
-            b1.append(base.single(p))
+            b1.append(on_engine(partial(base.single, p)))
     w1 = WorkloadResult.measured(
         "W1",
         "twinserve",
@@ -273,7 +279,7 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
     for _ in range(3):
         ttfts.append(eng.ttft(long_ids))
         if base is not None:
-            prefills.append(base.prefill(long_ids))
+            prefills.append(on_engine(partial(base.prefill, long_ids)))
     results = [w32, w1]
     ratios: dict[str, float] = {}
     if base is not None:

@@ -21,7 +21,6 @@ from twinserve.bench.serve_bench import ServeBenchConfig, chat_workload, serve_b
 from twinserve.config import Dtype, EngineConfig
 from twinserve.engine.async_engine import AsyncEngine
 from twinserve.engine.chat import render_chat
-from twinserve.engine.factory import build_engine
 from twinserve.server.process import ServerProcess
 
 Progress = Callable[[str], None]
@@ -82,10 +81,9 @@ def run_http_overhead_bench(
         with server:
             server.wait_healthy()
             progress("loading the in-process engine")
-            engine = AsyncEngine(
-                build_engine(EngineConfig(model=cfg.model, dtype=cfg.dtype, num_threads=cfg.threads))
+            engine = AsyncEngine.launch(
+                EngineConfig(model=cfg.model, dtype=cfg.dtype, num_threads=cfg.threads)
             )
-            engine.start()
             try:
                 bench_cfg = EngineBenchConfig(
                     model=cfg.model,

@@ -38,7 +38,6 @@ def generate_command(
     # the engine pulls in torch (~1 s): imported when this command runs, not for `--help`
     from twinserve.engine.async_engine import AsyncEngine
     from twinserve.engine.chat import chat_request
-    from twinserve.engine.factory import build_engine
     from twinserve.engine.request import GenerateRequest, SamplingParams
 
     try:
@@ -46,7 +45,7 @@ def generate_command(
             {"model": str(model), "dtype": dtype, "quantize": quantize, "num_threads": threads}
         )
         with err.status(f"loading {model} …"):
-            engine = AsyncEngine(build_engine(config))
+            engine = AsyncEngine.launch(config)
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
         )

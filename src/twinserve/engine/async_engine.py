@@ -1,7 +1,11 @@
 """The one async boundary: `AsyncEngine.generate(request)` streams `TokenEvent`s.
 
 The engine core runs in its own thread, so the event loop never waits on a forward
-pass. Each request gets an asyncio queue fed from that thread with one
+pass. `launch` also loads the model on that thread, and `call` runs other torch work
+there (a benchmark's baseline): torch's OpenMP pool belongs to the thread that first
+runs a parallel op, and once two threads own one on a machine with as many cores as
+threads, libgomp stops spin-waiting and every op pays a futex sleep and wake-up
+(~20% of a single-stream decode step on 2 cores). Each request gets an asyncio queue fed from that thread with one
 `call_soon_threadsafe` per step; a consumer that stops iterating (client gone,
 task cancelled) aborts its request, which frees its slot at the next step.
 """
@@ -11,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from twinserve.config import EngineConfig
 from twinserve.engine.engine import Engine
@@ -21,6 +28,8 @@ from twinserve.engine.request import GenerateRequest, TokenEvent
 from twinserve.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,15 +49,33 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
         self.dead_reason: str | None = None
         engine.emit = self._dispatch
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        """Load the model and build the engine (blocking: call before serving)."""
+    def launch(cls, config: EngineConfig, *, warmup: bool = True) -> AsyncEngine:
+        """Load the model on a new engine thread and serve from it; blocks until loaded.
+
+        Raises what loading raised (ModelLoadError, ...). All torch work of the engine then
+        happens on that one thread, so it owns the process's only OpenMP pool.
+        """
         from twinserve.engine.factory import build_engine
 
-        return cls(build_engine(config))
+        built: Future[AsyncEngine] = Future()
+
+        def main() -> None:
+            try:
+                async_engine = cls(build_engine(config, warmup=warmup))
+                async_engine._thread = threading.current_thread()
+            except BaseException as exc:
+                built.set_exception(exc)
+                return
+            built.set_result(async_engine)
+            async_engine._loop()
+
+        threading.Thread(target=main, name="twinserve-engine", daemon=True).start()
+        return built.result()
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -64,6 +91,26 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps and return its result (blocking).
+
+        For torch work that must not start a second OpenMP pool (see the module docstring).
+        """
+        if self._thread is None:
+            self.start()
+        thread = self._thread
+        assert thread is not None
+        if threading.current_thread() is thread:
+            return fn()
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+        done: Future[object] = Future()
+        self._calls.put((fn, done))
+        self._wake.set()
+        if not thread.is_alive():  # stopped or died meanwhile: nobody will run it
+            self._cancel_calls()
+        return done.result()  # type: ignore[return-value]
 
     @property
     def is_healthy(self) -> bool:
@@ -137,9 +184,25 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_put_all, items)
 
+    def _run_calls(self) -> None:
+        while not self._calls.empty():
+            fn, done = self._calls.get()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(fn())
+                except BaseException as exc:  # the caller gets it; the engine goes on
+                    done.set_exception(exc)
+
+    def _cancel_calls(self) -> None:
+        while not self._calls.empty():
+            _, done = self._calls.get()
+            if done.set_running_or_notify_cancel():
+                done.set_exception(EngineDeadError("the engine thread has stopped"))
+
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
+                self._run_calls()
                 if not self.engine.has_work():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -153,11 +216,13 @@ class AsyncEngine:
                 self._dispatch(self.engine.fail_all(error))
             except Exception:  # pragma: no cover - best effort while dying
                 log.exception("failing in-flight requests after engine death")
+        finally:
+            self._cancel_calls()
 
 
 def _put_all(items: list[tuple[asyncio.Queue[TokenEvent | None], TokenEvent]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
+    for events, event in items:
+        events.put_nowait(event)
 
 
 class TokenStream:

@@ -40,6 +40,7 @@ class SlotKVCache:
         self.dtype = dtype
         self.device = device
         self._kv: torch.Tensor | None = None  # [layers, 2, slots, kv_heads, capacity, head_dim]
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # views, made once per allocation
 
     @property
     def slots(self) -> int:
@@ -77,14 +78,15 @@ class SlotKVCache:
             kv[:, :, :live, :, :keep] = self._kv[:, :, :live, :, :keep]
         self._kv = None  # drop the old one before anything else allocates
         self._kv = kv
+        self._layers = [(kv[i, 0], kv[i, 1]) for i in range(self.num_layers)]
 
     def release(self) -> None:
         """Free all memory (the engine is idle)."""
         self._kv = None
+        self._layers = []
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._kv is not None, "cache used before ensure()"
-        return self._kv[index, 0], self._kv[index, 1]
+        return self._layers[index]
 
     def copy_prefix(self, src: int, dsts: list[int], length: int) -> None:
         """Copy the first `length` positions of slot `src` into every slot of `dsts` (shared prompt prefix)."""

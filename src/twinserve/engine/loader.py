@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from twinserve.config import EngineConfig
 from twinserve.engine.models.llama import LlamaModel
+from twinserve.engine.smoothquant import calibration_token_ids
 from twinserve.errors import ModelLoadError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,15 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     attention = resolve_attention(cfg.attention, device)
     weights, sha = read_weights(files)
+    calibration = calibration_token_ids(tokenizer) if cfg.quantize == "int8" else None
     model = LlamaModel(
-        config, weights, dtype=dtype, device=device, quantize=cfg.quantize, attention=attention
+        config,
+        weights,
+        dtype=dtype,
+        device=device,
+        quantize=cfg.quantize,
+        attention=attention,
+        calibration_ids=calibration,
     )
     if weights:
         log.debug("unused weights: %s", sorted(weights)[:10])

@@ -87,11 +87,8 @@ class ModelService:
             log.info("resolving model", extra={"model": cfg.model, "revision": cfg.revision})
             resolved = resolve_model(cfg.model, cfg.revision)
             engine_config = self._with_card(cfg, resolved).engine_config(str(resolved.path))
-            from twinserve.engine.factory import build_engine
-
             started = time.monotonic()
-            engine = AsyncEngine(build_engine(engine_config, warmup=cfg.warmup))
-            engine.start()
+            engine = AsyncEngine.launch(engine_config, warmup=cfg.warmup)
             self.resolved, self.engine = resolved, engine
             if self.state is ServiceState.LOADING:
                 self.state = ServiceState.READY

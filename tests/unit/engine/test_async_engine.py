@@ -91,3 +91,26 @@ def test_engine_death_fails_requests_and_reports_unhealthy(async_engine: AsyncEn
             await _collect(async_engine, req(2))
 
     asyncio.run(main())
+
+
+def test_launch_loads_and_steps_on_one_thread_and_call_runs_there(tiny_model_dir: Path) -> None:
+    import threading
+
+    engine = AsyncEngine.launch(engine_config(tiny_model_dir), warmup=False)
+    try:
+        engine_thread = engine.call(threading.current_thread)
+        assert engine_thread is not threading.current_thread() and engine_thread.name == "twinserve-engine"
+        events = asyncio.run(_collect(engine, req(4)))
+        assert events[-1].finished and engine.is_healthy
+        with pytest.raises(ZeroDivisionError):  # the caller gets fn's error; the engine goes on
+            engine.call(lambda: 1 / 0)
+        assert engine.call(lambda: 42) == 42 and engine.is_healthy
+    finally:
+        engine.shutdown()
+
+
+def test_launch_raises_what_loading_raised(tmp_path: Path) -> None:
+    from twinserve.errors import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        AsyncEngine.launch(engine_config(tmp_path / "missing"))

@@ -12,6 +12,7 @@ output matches `generate` token for token in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from twinserve.engine.kv_cache import SlotKVCache
-from twinserve.engine.layers import Linear, PackedBf16Linear, make_linear
+from twinserve.engine.layers import Linear, make_linear
 from twinserve.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -71,6 +72,54 @@ class DecoderLayer:
 
 
 @dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's tensors as the checkpoint holds them, QKV and gate/up fused."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    def float(self) -> LayerWeights:
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.float()
+
+        return LayerWeights(
+            input_norm=self.input_norm.float(),
+            qkv=self.qkv.float(),
+            qkv_bias=f(self.qkv_bias),
+            o_proj=self.o_proj.float(),
+            o_bias=f(self.o_bias),
+            post_norm=self.post_norm.float(),
+            gate_up=self.gate_up.float(),
+            down=self.down.float(),
+        )
+
+
+def _take_layer(
+    prefix: str,
+    take: Callable[[str], torch.Tensor],
+    maybe: Callable[[str], torch.Tensor | None],
+) -> LayerWeights:
+    q, k, v = (take(prefix + f"self_attn.{n}_proj.weight") for n in "qkv")
+    biases = [maybe(prefix + f"self_attn.{n}_proj.bias") for n in "qkv"]
+    return LayerWeights(
+        input_norm=take(prefix + "input_layernorm.weight"),
+        qkv=torch.cat([q, k, v]),
+        qkv_bias=None if biases[0] is None else torch.cat([b for b in biases if b is not None]),
+        o_proj=take(prefix + "self_attn.o_proj.weight"),
+        o_bias=maybe(prefix + "self_attn.o_proj.bias"),
+        post_norm=take(prefix + "post_attention_layernorm.weight"),
+        gate_up=torch.cat([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]),
+        down=take(prefix + "mlp.down_proj.weight"),
+    )
+
+
+@dataclass(frozen=True)
 class ForwardBatch:
     """What one forward pass needs to know about the rows it computes.
 
@@ -103,7 +152,9 @@ class LlamaModel:
         device: torch.device,
         quantize: str | None = None,
         attention: str = "sdpa",
+        calibration_ids: list[list[int]] | None = None,
     ) -> None:
+        """`calibration_ids`: token sequences that int8 calibrates its smoothing on."""
         self.config = config
         self.shape = s = ModelShape.from_config(config)
         self.dtype = dtype
@@ -126,38 +177,46 @@ class LlamaModel:
             return make_linear(w, b, quantize=quantize, dtype=dtype)
 
         self.embed = take("model.embed_tokens.weight").to(self.act_dtype)
-        self.layers: list[DecoderLayer] = []
-        for i in range(s.num_layers):
-            p = f"model.layers.{i}."
-            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-            biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
-            qkv_bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
-            gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
-            self.layers.append(
-                DecoderLayer(
-                    input_norm=take(p + "input_layernorm.weight").to(self.act_dtype),
-                    qkv=linear(torch.cat([q, k, v]), qkv_bias),
-                    o_proj=linear(take(p + "self_attn.o_proj.weight"), maybe(p + "self_attn.o_proj.bias")),
-                    post_norm=take(p + "post_attention_layernorm.weight").to(self.act_dtype),
-                    gate_up=linear(torch.cat([gate, up]), None),
-                    down=linear(take(p + "mlp.down_proj.weight"), None),
-                )
-            )
-        self.norm = take("model.norm.weight").to(self.act_dtype)
-        lm_head = maybe("lm_head.weight")
-        if lm_head is None or s.tie_word_embeddings:
-            lm_head = self.embed
-        # the LM head stays unquantized: it decides the token, and it's one matrix
-        # int8 computes in fp32, but an fp32 LM head would read 2x the bytes of bf16 each
-        # step; on CPUs with fast bf16 it runs as a packed bf16 matrix instead
-        self.lm_dtype = self.act_dtype
-        if quantize == "int8" and PackedBf16Linear.supported():
-            self.lm_dtype = torch.bfloat16
-        self.lm_head = make_linear(lm_head, None, quantize=None, dtype=self.lm_dtype)
         self._rope_inv_freq, self._rope_scaling = _rope_parameters(config, device)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._flash = _flash_attn_func() if attention == "flash_attention_2" else None
+        # int8 quantizes activations too: outliers are first moved into the weights (SmoothQuant)
+        smoother = None
+        if quantize == "int8" and calibration_ids:
+            from twinserve.engine.smoothquant import Smoother
+
+            smoother = Smoother(self, calibration_ids)
+        self.layers: list[DecoderLayer] = []
+        for i in range(s.num_layers):
+            raw = _take_layer(f"model.layers.{i}.", take, maybe)
+            if smoother is not None:
+                raw = smoother.smooth(raw)
+            self.layers.append(self.build_layer(raw, linear))
+        norm = take("model.norm.weight")
+        lm_head = maybe("lm_head.weight")
+        if lm_head is None or s.tie_word_embeddings:
+            lm_head = self.embed
+        if smoother is not None:
+            norm, lm_head = smoother.smooth_head(norm, lm_head)
+        self.norm = norm.to(self.act_dtype)
+        # int8 quantizes the LM head too (one more matrix read per step, smoothed like the
+        # layers); other dtypes keep it as the checkpoint has it
+        head_quantize = "int8" if quantize == "int8" else None
+        self.lm_head = make_linear(lm_head, None, quantize=head_quantize, dtype=dtype)
+
+    def build_layer(
+        self, raw: LayerWeights, linear: Callable[[torch.Tensor, torch.Tensor | None], Linear]
+    ) -> DecoderLayer:
+        """A layer from its (possibly smoothed) tensors, each projection as `linear` makes it."""
+        return DecoderLayer(
+            input_norm=raw.input_norm.to(self.act_dtype),
+            qkv=linear(raw.qkv, raw.qkv_bias),
+            o_proj=linear(raw.o_proj, raw.o_bias),
+            post_norm=raw.post_norm.to(self.act_dtype),
+            gate_up=linear(raw.gate_up, None),
+            down=linear(raw.down, None),
+        )
 
     # ----------------------------------------------------------------- rope
     def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,38 +248,53 @@ class LlamaModel:
         `logits_index` indexes the flattened token dimension; None = the last real token
         of every row (prefill) or every row (decode).
         """
-        s = self.shape
         ids = batch.input_ids
-        flat_ids = ids.reshape(-1)
-        h = F.embedding(flat_ids, self.embed)
-        cos_t, sin_t = self._rope_tables(int(batch.positions.max()) + 1)
-        cos, sin = cos_t[batch.positions.reshape(-1)], sin_t[batch.positions.reshape(-1)]
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        n_q, n_kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
-        half = hd // 2
+        h = F.embedding(ids.reshape(-1), self.embed)
+        cos, sin = self.rope(batch)
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.input_norm, s.rms_norm_eps)
-            qkv = layer.qkv(x)
-            qk = qkv[:, : (n_q + n_kv) * hd].view(-1, n_q + n_kv, hd)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin  # rounded like transformers
-            q, k = qk[:, :n_q], qk[:, n_q:]
-            v = qkv[:, (n_q + n_kv) * hd :].view(-1, n_kv, hd)
-            if batch.is_prefill:
-                attn = self._prefill_attention(batch, cache, index, q, k, v)
-            else:
-                attn = self._decode_attention(batch, cache, index, q, k, v)
-            h = h + layer.o_proj(attn)
-            x = _rms_norm(h, layer.post_norm, s.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate, inplace=True).mul_(up))
+            h = self.layer_forward(layer, index, h, cos, sin, batch, cache)
         if logits_index is None and batch.is_prefill:
             assert batch.lengths is not None
             width = ids.shape[1]
             logits_index = torch.arange(ids.shape[0], device=ids.device) * width + batch.lengths - 1
         if logits_index is not None:
             h = h[logits_index]
-        h = _rms_norm(h, self.norm, s.rms_norm_eps)
-        return self.lm_head(h.to(self.lm_dtype)).float()
+        h = rms_norm(h, self.norm, self.shape.rms_norm_eps)
+        return self.lm_head(h).float()
+
+    def rope(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin of every token of the batch, shaped to broadcast over heads."""
+        cos_t, sin_t = self._rope_tables(int(batch.positions.max()) + 1)
+        flat = batch.positions.reshape(-1)
+        return cos_t[flat][:, None, :], sin_t[flat][:, None, :]
+
+    def layer_forward(
+        self,
+        layer: DecoderLayer,
+        index: int,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        cache: SlotKVCache,
+    ) -> torch.Tensor:
+        """One decoder layer over the flattened tokens `h`; writes its K/V to `cache` layer `index`."""
+        s = self.shape
+        n_q, n_kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
+        x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
+        qkv = layer.qkv(x)
+        qk = qkv[:, : (n_q + n_kv) * hd].view(-1, n_q + n_kv, hd)
+        qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin  # rounded like transformers
+        q, k = qk[:, :n_q], qk[:, n_q:]
+        v = qkv[:, (n_q + n_kv) * hd :].view(-1, n_kv, hd)
+        if batch.is_prefill:
+            attn = self._prefill_attention(batch, cache, index, q, k, v)
+        else:
+            attn = self._decode_attention(batch, cache, index, q, k, v)
+        h = h + layer.o_proj(attn)
+        x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return h + layer.down(F.silu(gate, inplace=True).mul_(up))
 
     def _decode_attention(
         self,
@@ -300,7 +374,7 @@ class LlamaModel:
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm rounded like transformers: normalise in fp32, cast, then scale in the model dtype.
 
     Scaling in fp32 instead is more precise but moves bf16 results off the ones the
