@@ -91,9 +91,18 @@ def linear_bytes(dtype: PlanDtype, quantize: Quantize | None) -> float:
 
 
 def weight_bytes(shape: ModelShape, dtype: PlanDtype, quantize: Quantize | None) -> int:
-    """Bytes of the weights in memory: quantization shrinks the linear layers only."""
+    """Bytes of the weights in memory: quantization shrinks the linear layers.
+
+    int8 also quantizes the LM head, into a copy of its own when the embedding is tied
+    (the embedding lookup stays float32).
+    """
     other = shape.params - shape.linear_params
-    return math.ceil(shape.linear_params * linear_bytes(dtype, quantize) + other * DTYPE_BYTES[dtype])
+    linear = shape.linear_params * linear_bytes(dtype, quantize)
+    if quantize == "int8":
+        head = shape.vocab_size * shape.hidden_size
+        other -= 0 if shape.tie_word_embeddings else head
+        return math.ceil(linear + head + other * DTYPE_BYTES[dtype])
+    return math.ceil(linear + other * DTYPE_BYTES[dtype])
 
 
 def tensor_parallel(shape: ModelShape, instance: InstanceType) -> int:

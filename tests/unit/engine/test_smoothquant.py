@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.layers import DynamicInt8Linear, PlainLinear
 from twinserve.engine.loader import read_weights, safetensors_files
-from twinserve.engine.models.llama import ForwardBatch, LlamaModel, _take_layer
+from twinserve.engine.models.llama import ForwardBatch, LlamaModel, read_layer
 from twinserve.engine.smoothquant import Smoother, smoothing_scales
 
 
@@ -43,7 +43,7 @@ def test_a_smoothed_layer_computes_what_the_original_does(tiny_model_dir: Path) 
     hidden, cache, batch = smoother.hidden.clone(), smoother.cache, smoother.batch
     cos, sin = smoother.cos, smoother.sin
     for index in range(model.shape.num_layers):
-        raw = _take_layer(f"model.layers.{index}.", weights.pop, lambda name: weights.pop(name, None))
+        raw = read_layer(f"model.layers.{index}.", weights.pop, lambda name: weights.pop(name, None))
         smoothed = smoother.smooth(raw)
         assert not torch.allclose(smoothed.qkv, raw.qkv.float())  # the scales did something
         original = model.build_layer(raw.float(), PlainLinear)

@@ -37,8 +37,14 @@ def test_weight_bytes_by_dtype_and_quantization() -> None:
     other = LLAMA_8B.params - LLAMA_8B.linear_params
     nf4 = weight_bytes(LLAMA_8B, "bfloat16", "bitsandbytes-nf4")
     assert nf4 == pytest.approx(LLAMA_8B.linear_params * NF4_BYTES + other * 2, abs=1)
-    # int8 is CPU dynamic quantization: int8 linears, float32 everything else
-    assert weight_bytes(LLAMA_8B, "float32", "int8") == LLAMA_8B.linear_params + 4 * other
+    # int8 is CPU dynamic quantization: int8 linears and LM head, float32 everything else
+    head = LLAMA_8B.vocab_size * LLAMA_8B.hidden_size  # untied: the LM head is int8 in place
+    assert not LLAMA_8B.tie_word_embeddings
+    assert weight_bytes(LLAMA_8B, "float32", "int8") == LLAMA_8B.linear_params + head + 4 * (other - head)
+    smol = preset("smollm2-135m")  # tied: the float32 embedding stays, the head is an int8 copy
+    smol_other, smol_head = smol.params - smol.linear_params, smol.vocab_size * smol.hidden_size
+    assert smol.tie_word_embeddings
+    assert weight_bytes(smol, "float32", "int8") == smol.linear_params + smol_head + 4 * smol_other
 
 
 def test_compute_dtype() -> None:
