@@ -54,6 +54,7 @@ def tiny_llama_dir(
     tie_word_embeddings: bool = False,
     num_layers: int = 2,
     dtype: torch.dtype = torch.float32,
+    attention_bias: bool = False,
 ) -> Path:
     """Save a random Llama (hidden 64, GQA 4/2 heads) with the tiny tokenizer to `path`."""
     tokenizer = tiny_tokenizer()
@@ -68,6 +69,7 @@ def tiny_llama_dir(
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=tie_word_embeddings,
+        attention_bias=attention_bias,  # q/k/v/o biases, as Qwen2 has for q/k/v
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -75,6 +77,10 @@ def tiny_llama_dir(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():  # transformers starts biases at zero, which would hide bias bugs
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

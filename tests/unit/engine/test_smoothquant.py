@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoConfig
 
+from tests.factories import tiny_llama_dir
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.layers import DynamicInt8Linear, PlainLinear
 from twinserve.engine.loader import read_weights, safetensors_files
@@ -36,14 +38,17 @@ def test_smoothing_an_outlier_channel_cuts_the_int8_error() -> None:
     assert smoothed < plain / 2, (plain, smoothed)
 
 
-def test_a_smoothed_layer_computes_what_the_original_does(tiny_model_dir: Path) -> None:
-    model, weights = _fp32_model(tiny_model_dir)
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_a_smoothed_layer_computes_what_the_original_does(attention_bias: bool, tmp_path: Path) -> None:
+    folder = tiny_llama_dir(tmp_path / "tiny", attention_bias=attention_bias)
+    model, weights = _fp32_model(folder)
     ids = [[5, 17, 42, 8, 99, 3, 61, 7], [11, 2, 19, 33, 4, 70, 9, 28]]
     smoother = Smoother(model, ids)
     hidden, cache, batch = smoother.hidden.clone(), smoother.cache, smoother.batch
     cos, sin = smoother.cos, smoother.sin
     for index in range(model.shape.num_layers):
         raw = read_layer(f"model.layers.{index}.", weights.pop, lambda name: weights.pop(name, None))
+        assert (raw.qkv_bias is not None) is attention_bias
         smoothed = smoother.smooth(raw)
         assert not torch.allclose(smoothed.qkv, raw.qkv.float())  # the scales did something
         original = model.build_layer(raw.float(), PlainLinear)
