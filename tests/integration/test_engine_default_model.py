@@ -10,7 +10,6 @@ import pytest
 from twinserve.config import EngineConfig
 from twinserve.engine.async_engine import AsyncEngine
 from twinserve.engine.chat import chat_request
-from twinserve.engine.factory import build_engine
 from twinserve.engine.request import FinishReason, GenerateRequest, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -37,15 +36,13 @@ def _run_all(engine: AsyncEngine, requests: list[GenerateRequest]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fp32_engine(default_model_path: Path):
-    engine = AsyncEngine(build_engine(EngineConfig(model=str(default_model_path), dtype="float32")))
-    engine.start()
+    engine = AsyncEngine.launch(EngineConfig(model=str(default_model_path), dtype="float32"))
     yield engine
     engine.shutdown()
 
 
 def test_chat_prompt_yields_sensible_text(default_model_path: Path) -> None:
-    engine = AsyncEngine(build_engine(EngineConfig(model=str(default_model_path))))  # auto dtype
-    engine.start()
+    engine = AsyncEngine.launch(EngineConfig(model=str(default_model_path)))  # auto dtype
     try:
         tok = engine.engine.tokenizer
         request = chat_request(

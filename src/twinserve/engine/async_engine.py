@@ -5,7 +5,9 @@ pass. `launch` also loads the model on that thread, and `call` runs other torch 
 there (a benchmark's baseline): torch's OpenMP pool belongs to the thread that first
 runs a parallel op, and once two threads own one on a machine with as many cores as
 threads, libgomp stops spin-waiting and every op pays a futex sleep and wake-up
-(~20% of a single-stream decode step on 2 cores). Each request gets an asyncio queue fed from that thread with one
+(~20% of a single-stream decode step on 2 cores).
+
+Each request gets an asyncio queue fed from that thread with one
 `call_soon_threadsafe` per step; a consumer that stops iterating (client gone,
 task cancelled) aborts its request, which frees its slot at the next step.
 """

@@ -68,13 +68,10 @@ def calibration_token_ids(tokenizer: object) -> list[list[int]]:
     return ids
 
 
-def smoothing_scales(
-    act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float | None = None
-) -> torch.Tensor:
-    """Per input channel s_j = max|X_j|^α / max|W_j|^(1-α) (α = ALPHA unless given)."""
-    alpha = ALPHA if alpha is None else alpha
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor) -> torch.Tensor:
+    """Per input channel s_j = max|X_j|^α / max|W_j|^(1-α), α = ALPHA."""
     w_max = weight_absmax.clamp(min=_FLOOR)
-    return (act_absmax.clamp(min=_FLOOR).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=_FLOOR)
+    return (act_absmax.clamp(min=_FLOOR).pow(ALPHA) / w_max.pow(1 - ALPHA)).clamp(min=_FLOOR)
 
 
 def _column_absmax(weight: torch.Tensor) -> torch.Tensor:
@@ -118,10 +115,11 @@ class Smoother:
             attn_len=width,
             lengths=torch.full((n,), width, device=model.device),
         )
-        self.hidden = F.embedding(rows.reshape(-1), model.embed).float()
+        # int8 runs in float32 (act_dtype), so embeddings and rope tables already are
+        self.hidden = F.embedding(rows.reshape(-1), model.embed)
         self.cache = SlotKVCache(1, shape.num_kv_heads, shape.head_dim, torch.float32, model.device)
         self.cache.fit(n, width, 0, n * width)
-        self.cos, self.sin = (t.float() for t in model.rope(self.batch))
+        self.cos, self.sin = model.rope(self.batch)
 
     def smooth(self, raw: LayerWeights) -> LayerWeights:
         """This layer's tensors with the scales folded in; moves the calibration on by one layer."""

@@ -13,7 +13,6 @@ from fastapi import FastAPI
 
 from tests.servers import serve_config
 from twinserve.engine.async_engine import AsyncEngine
-from twinserve.engine.factory import build_engine
 from twinserve.registry.resolve import ResolvedModel
 from twinserve.server.app import create_app
 from twinserve.server.service import ModelService
@@ -33,7 +32,7 @@ def make_app(tiny_model_dir: Path) -> Iterator[AppFactory]:
 
     def factory(**overrides: Any) -> tuple[FastAPI, ModelService]:
         config = serve_config(tiny_model_dir, **overrides)
-        engine = AsyncEngine(build_engine(config.engine_config(str(tiny_model_dir)), warmup=False))
+        engine = AsyncEngine.launch(config.engine_config(str(tiny_model_dir)), warmup=False)
         service = ModelService(config, engine, ResolvedModel(tiny_model_dir, str(tiny_model_dir)))
         services.append(service)
         return create_app(config, service), service

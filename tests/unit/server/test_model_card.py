@@ -9,7 +9,6 @@ import pytest
 from tests.servers import serve_config
 from tests.unit.server.conftest import asgi_client
 from twinserve.engine.async_engine import AsyncEngine
-from twinserve.engine.factory import build_engine
 from twinserve.registry.card import ALPACA_TEMPLATE, GenerationDefaults, ModelCard
 from twinserve.registry.resolve import ResolvedModel
 from twinserve.server.app import create_app
@@ -28,7 +27,7 @@ CARD = ModelCard(
 @pytest.fixture()
 async def served(tiny_model_dir: Path):
     config = serve_config(tiny_model_dir)
-    engine = AsyncEngine(build_engine(config.engine_config(str(tiny_model_dir)), warmup=False))
+    engine = AsyncEngine.launch(config.engine_config(str(tiny_model_dir)), warmup=False)
     resolved = ResolvedModel(
         tiny_model_dir, "models:/llm-twin/3", card=CARD, registry_name="llm-twin", registry_version=3
     )
