@@ -97,7 +97,17 @@ class EngineConfig(BaseModel):
     )
     max_batch_size: int = Field(64, ge=1, description="Requests decoded together in one step.")
     max_concurrent_requests: int = Field(
-        128, ge=1, description="Requests in the engine (running + waiting); more get an overload error."
+        128,
+        ge=1,
+        description=("Requests in the engine (validating, waiting or running); more get an overload error."),
+    )
+    validation_workers: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Threads that tokenize and validate requests off the event loop (TGI's validation "
+            "workers), so a huge prompt never delays other streams."
+        ),
     )
     seed: int = Field(0, ge=0, description="Seeds the choice of per-request seeds when none is given.")
 
@@ -197,10 +207,30 @@ class ServeConfig(BaseSettings):
         ge=1,
         validation_alias=_env("TWINSERVE_MAX_CONCURRENT_REQUESTS", "MAX_CONCURRENT_REQUESTS"),
     )
+    max_client_batch_size: int = Field(
+        16,
+        ge=1,
+        validation_alias=_env("TWINSERVE_MAX_CLIENT_BATCH_SIZE", "MAX_CLIENT_BATCH_SIZE"),
+        description="Choices one request may ask for: prompts in a /v1/completions list × `n`.",
+    )
+    validation_workers: int = Field(
+        2,
+        ge=1,
+        validation_alias=_env("TWINSERVE_VALIDATION_WORKERS", "VALIDATION_WORKERS"),
+        description="Threads that tokenize and render chat templates off the event loop.",
+    )
     api_key: SecretStr | None = Field(
         None,
         validation_alias=_env("TWINSERVE_API_KEY", "API_KEY"),
-        description="Bearer key required on generation routes; health, info and metrics stay open.",
+        description=(
+            "Bearer key required on generation routes (and the docs, unless public_docs); "
+            "health, info and metrics stay open. Surrounding spaces are ignored; empty is an error."
+        ),
+    )
+    public_docs: bool = Field(
+        False,
+        validation_alias=_env("TWINSERVE_PUBLIC_DOCS"),
+        description="Serve /docs, /redoc and /openapi.json without the API key when one is set.",
     )
     payload_limit: int = Field(
         2_000_000,
@@ -214,6 +244,21 @@ class ServeConfig(BaseSettings):
         validation_alias=_env("TWINSERVE_DRAIN_TIMEOUT_S"),
         description="On SIGTERM, how long in-flight requests may take to finish before the exit.",
     )
+    drain_grace_s: float = Field(
+        5.0,
+        ge=0,
+        validation_alias=_env("TWINSERVE_DRAIN_GRACE_S"),
+        description=(
+            "On SIGTERM, how long the port keeps answering (503 on /health and /ping, so a load "
+            "balancer sees the replica leave) before it closes; longer while requests are in flight."
+        ),
+    )
+    sse_keepalive_s: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=_env("TWINSERVE_SSE_KEEPALIVE_S"),
+        description="A stream that has sent nothing for this long gets an SSE comment (proxies' idle timeouts).",
+    )
     log_prompts: bool = Field(
         False,
         validation_alias=_env("TWINSERVE_LOG_PROMPTS"),
@@ -221,6 +266,17 @@ class ServeConfig(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field("json", validation_alias=_env("TWINSERVE_LOG_FORMAT"))
     warmup: bool = Field(True, validation_alias=_env("TWINSERVE_WARMUP"))
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _clean_api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # stripped as the caller's key is; set-but-blank is a mistake, not "auth off"
+        if v is None:
+            return None
+        key = v.get_secret_value().strip()
+        if not key:
+            raise ValueError("the API key is set but empty; unset it to serve without a key")
+        return SecretStr(key)
 
     @field_validator("quantize", mode="before")
     @classmethod
@@ -253,6 +309,7 @@ class ServeConfig(BaseSettings):
             share_prompt_prefix=self.share_prompt_prefix,
             max_batch_size=self.max_batch_size,
             max_concurrent_requests=self.max_concurrent_requests,
+            validation_workers=self.validation_workers,
         )
 
 

@@ -3,7 +3,8 @@
 ```
 TwinserveError
 ├── ClientError               the caller can fix it; carries an HTTP status (4xx)
-│   ├── ValidationError       422  bad parameters, input over the limits
+│   ├── ValidationError       422  bad parameters, input over the limits (400 on OpenAI routes)
+│   │   └── ContextLengthError  422  prompt (+ new tokens) longer than the model's limits
 │   ├── OverloadedError       429  queue or concurrency limit reached; retry later
 │   ├── NotFoundError         404  unknown model, file or reference
 │   ├── ConflictError         409  the thing changed meanwhile, or already exists
@@ -46,10 +47,35 @@ class ClientError(TwinserveError):
 
 
 class ValidationError(ClientError):
-    """Invalid generation parameters or an input over the configured limits."""
+    """Invalid generation parameters or an input over the configured limits.
+
+    `param` names the field at fault where one is (OpenAI's error `param`), dotted for
+    nested fields (`parameters.temperature`, `messages.0.content`).
+    """
 
     status_code = 422
     error_type = "validation"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(ValidationError):
+    """The prompt, or the prompt plus the tokens asked for, does not fit the model's limits.
+
+    Carries the numbers so each wire format words it as its clients expect (TGI's
+    "`inputs` must have less than …", OpenAI's "maximum context length is …", which
+    the openai SDK and LiteLLM's context-window fallbacks recognise).
+    """
+
+    def __init__(
+        self, message: str, *, limit: int, prompt_tokens: int, new_tokens: int, param: str | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.limit = limit
+        self.prompt_tokens = prompt_tokens
+        self.new_tokens = new_tokens
 
 
 class OverloadedError(ClientError):

@@ -64,19 +64,48 @@ def test_openai_sdk_sees_typed_errors(server: ServerProcess) -> None:
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="test-key", max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError, match="`n`"):
-        client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, n=2)
+    # too long a prompt: the error the SDK (and LiteLLM's context-window fallbacks) recognise
+    long_chat = [{"role": "user", "content": "Paris " * 1500}]
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as caught:
+        client.chat.completions.create(model="m", messages=long_chat, max_tokens=3)
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    with pytest.raises(openai.BadRequestError, match="use_beam_search") as caught:
+        client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=3, extra_body={"use_beam_search": True}
+        )
+    assert caught.value.param == "use_beam_search"
+    # explicit nulls, as SDK users write them, are fine
+    answer = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=3, n=None, logprobs=None)
+    assert answer.choices[0].message.content is not None
+
+
+def test_openai_sdk_gets_several_choices(server: ServerProcess) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key", max_retries=0)
+    chat = client.chat.completions.create(
+        model="m", messages=QUESTION, max_tokens=8, n=2, temperature=0.8, seed=7
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    # LangChain's OpenAI.generate sends a list of prompts in one request
+    batch = client.completions.create(
+        model="m", prompt=["The capital of France is", "Two plus two is"], max_tokens=4
+    )
+    assert [c.index for c in batch.choices] == [0, 1] and all(c.text for c in batch.choices)
 
 
 def test_huggingface_inference_client_text_generation(server: ServerProcess) -> None:
     from huggingface_hub import InferenceClient
 
     client = InferenceClient(model=server.url, token="test-key")
+    # the client posts to TGI's compat route, where return_full_text defaults to true as in TGI
     out = client.text_generation(CHATML, max_new_tokens=20, details=True)
-    assert out.generated_text and out.details.finish_reason in ("length", "eos_token")
+    assert out.generated_text.startswith(CHATML) and out.details.finish_reason in ("length", "eos_token")
     assert out.details.generated_tokens == len(out.details.tokens)
+    new_text = client.text_generation(CHATML, max_new_tokens=20, return_full_text=False)
+    assert out.generated_text == CHATML + new_text and "Paris" in new_text
     events = list(client.text_generation(CHATML, max_new_tokens=20, stream=True, details=True))
-    assert events[-1].generated_text == "".join(e.token.text for e in events)
+    assert events[-1].generated_text == CHATML + "".join(e.token.text for e in events)
     assert events[-1].details.generated_tokens == len(events)
     assert events[-1].generated_text == out.generated_text
 

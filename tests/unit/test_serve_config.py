@@ -101,6 +101,17 @@ def test_api_key_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hunter2" not in repr(config) and "hunter2" not in str(config.model_dump())
 
 
+def test_the_api_key_is_stripped_and_a_blank_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEY", "  hunter2\n")
+    key = ServeConfig().api_key
+    assert key is not None and key.get_secret_value() == "hunter2"
+    for blank in ("", "   "):
+        monkeypatch.setenv("API_KEY", blank)
+        with pytest.raises(ValidationError, match="set but empty") as caught:
+            ServeConfig()
+        assert "hunter2" not in str(caught.value)
+
+
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_MODEL_QUANTIZE", "awq")
     with pytest.raises(ValidationError):

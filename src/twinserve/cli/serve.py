@@ -50,6 +50,11 @@ def serve_command(
     drain_timeout: float | None = typer.Option(
         None, "--drain-timeout", help="Seconds to finish requests on SIGTERM."
     ),
+    drain_grace: float | None = typer.Option(
+        None,
+        "--drain-grace",
+        help="Seconds the port keeps answering after SIGTERM (/health 503) before it closes.",
+    ),
     log_format: str | None = typer.Option(None, "--log-format", help="json | text"),
     log_prompts: bool | None = typer.Option(
         None, "--log-prompts/--no-log-prompts", help="Log prompt and output text."
@@ -72,6 +77,7 @@ def serve_command(
         "max_concurrent_requests": max_concurrent_requests,
         "payload_limit": payload_limit,
         "drain_timeout_s": drain_timeout,
+        "drain_grace_s": drain_grace,
         "log_format": log_format,
         "log_prompts": log_prompts,
     }

@@ -36,6 +36,7 @@ def serve_args(endpoint: EndpointConfig, variant: VariantConfig) -> list[str]:
     """`twinserve serve` flags for one replica (host and port are added by ServerProcess)."""
     args = ["--model", variant.model, "--dtype", variant.dtype, "--log-format", "json"]
     args += ["--drain-timeout", f"{endpoint.drain_timeout_s:g}"]
+    args += ["--payload-limit", str(endpoint.payload_limit)]
     if variant.quantize:
         args += ["--quantize", variant.quantize]
     if variant.threads:

@@ -6,7 +6,9 @@ the autoscaler) and, when given, `GET /router/metrics` (the endpoint's Prometheu
 and body of the LLM microservice — goes to one replica chosen by `ReplicaPool.acquire`.
 
 Policy:
-- The request body is read whole first (prompts are small), so a request can be re-sent.
+- The request body is read whole first (prompts are small), so a request can be re-sent; a
+  body over `payload_limit` (the replicas' own limit) is refused with 413 before it is
+  buffered: at once from Content-Length, else as soon as the bytes read pass the limit.
 - Retry only what the client has seen nothing of: a connect error/timeout, the replica
   dropping the connection (or dying) before any status line, or a 503 (a replica answers 503
   only while loading, draining or dead: it ran nothing). The replica is marked unhealthy and the request goes to
@@ -39,8 +41,14 @@ import httpx
 
 from twinserve.endpoints.router_health import HealthChecker
 from twinserve.endpoints.router_pool import Replica, ReplicaPool
-from twinserve.errors import BadGatewayError, EngineDeadError, TwinserveError, UnauthorizedError
-from twinserve.server.errors import Wire, error_body
+from twinserve.errors import (
+    BadGatewayError,
+    EngineDeadError,
+    PayloadTooLargeError,
+    TwinserveError,
+    UnauthorizedError,
+)
+from twinserve.server.errors import Wire, error_body, status_for
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,7 @@ class RouterApp:
         connect_timeout: float = 5.0,
         read_timeout: float | None = None,
         max_connections: int = 1000,
+        payload_limit: int = 2_000_000,
         metrics: Callable[[], bytes] | None = None,
     ) -> None:
         if max_attempts < 1:
@@ -111,6 +120,7 @@ class RouterApp:
         self.pool = pool
         self.api_key = api_key
         self.max_attempts = max_attempts
+        self.payload_limit = payload_limit
         self.metrics = metrics  # the endpoint's Prometheus exposition, served at /router/metrics
         self._client_options: dict[str, Any] = {
             "timeout": httpx.Timeout(connect_timeout, connect=connect_timeout, read=read_timeout, pool=None),
@@ -208,7 +218,11 @@ class RouterApp:
 
     # ------------------------------------------------------------ proxy
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(scope, receive, self.payload_limit)
+        except PayloadTooLargeError as exc:
+            await _error(send, scope, exc)
+            return
         if body is None:
             return  # the client left before sending its request
         request_headers = filter_headers(scope["headers"], drop=frozenset({"host", "content-length"}))
@@ -294,13 +308,23 @@ def create_router_app(pool: ReplicaPool, *, api_key: str | None = None, **option
     return RouterApp(pool, api_key=api_key, **options)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole body, None if the client left; PayloadTooLargeError past `limit` bytes."""
+    too_large = PayloadTooLargeError(f"request body is larger than the payload limit ({limit} bytes)")
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise too_large
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -327,7 +351,8 @@ async def _error(
     """The error in the caller's wire format (OpenAI on `/v1/*`, else TGI)."""
     wire: Wire = "openai" if scope["path"].startswith("/v1/") else "tgi"
     out = dict(headers or {})
-    if exc.status_code in (429, 502, 503):
+    status = status_for(exc, wire)
+    if status in (429, 502, 503):
         out.setdefault("retry-after", "1")
     with contextlib.suppress(Exception):  # the client may be gone already
-        await _json(send, exc.status_code, error_body(exc, wire).model_dump(), out)
+        await _json(send, status, error_body(exc, wire).model_dump(), out)

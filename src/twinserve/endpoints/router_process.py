@@ -85,6 +85,7 @@ def run(
     app = create_router_app(
         pool,
         api_key=key.get_secret_value() if key else None,
+        payload_limit=endpoint.config.payload_limit,
         metrics=lambda: metrics_exposition(pool, store, name),
     )
     syncer = PoolSync(store, name, app, sync_interval)

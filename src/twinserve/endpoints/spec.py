@@ -244,6 +244,11 @@ class EndpointConfig(BaseModel):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="How long a stopping replica may finish in-flight requests."
     )
+    payload_limit: int = Field(
+        2_000_000,
+        ge=1,
+        description="Largest request body in bytes, for the router and every replica alike (413 above).",
+    )
     _api_key_env: str | None = PrivateAttr(None)
 
     @field_validator("api_key", mode="before")
@@ -251,6 +256,8 @@ class EndpointConfig(BaseModel):
     def _no_masked_key(cls, v: object) -> object:
         if v == MASKED_SECRET:
             raise ValueError("api_key is masked (**********); give the key or a ${ENV_VAR} reference")
+        if isinstance(v, str) and not v.strip():  # the replicas would refuse to start with it
+            raise ValueError("api_key is set but empty; leave it out for an open endpoint")
         return v
 
     @model_validator(mode="after")

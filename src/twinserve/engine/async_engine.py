@@ -10,6 +10,11 @@ threads, libgomp stops spin-waiting and every op pays a futex sleep and wake-up
 Each request gets an asyncio queue fed from that thread with one
 `call_soon_threadsafe` per step; a consumer that stops iterating (client gone,
 task cancelled) aborts its request, which frees its slot at the next step.
+
+Tokenizing and validating a request runs on a small pool of validation threads
+(`validation_workers`, as TGI's), never on the event loop: a 2 MB prompt takes a second
+to tokenize, and the loop must keep streaming other requests' tokens meanwhile. The
+HF tokenizer releases the GIL while it encodes, so those threads run beside the loop.
 """
 
 from __future__ import annotations
@@ -19,17 +24,22 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from twinserve.config import EngineConfig
 from twinserve.engine.engine import Engine
 from twinserve.engine.request import GenerateRequest, TokenEvent
+from twinserve.engine.state import RequestState
 from twinserve.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
+
+# what clients and health checks see of a dead engine (the reason itself goes to the log)
+ENGINE_DEAD = "the engine stopped after repeated failures and cannot serve requests"
 
 T = TypeVar("T")
 
@@ -52,7 +62,12 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = queue.SimpleQueue()
+        self._validators = ThreadPoolExecutor(
+            max_workers=engine.config.validation_workers, thread_name_prefix="twinserve-validate"
+        )
         self.dead_reason: str | None = None
+        # called once, from the engine thread, when the engine dies (a server exits on it)
+        self.on_dead: Callable[[str], None] | None = None
         engine.emit = self._dispatch
 
     @classmethod
@@ -90,9 +105,14 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         self._wake.set()
+        self._validators.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """Run CPU-bound request work (tokenizing, rendering a chat template) on a validation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._validators, fn)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps and return its result (blocking).
@@ -106,7 +126,7 @@ class AsyncEngine:
         if threading.current_thread() is thread:
             return fn()
         if self.dead_reason is not None:
-            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+            raise EngineDeadError(ENGINE_DEAD)
         done: Future[object] = Future()
         self._calls.put((fn, done))
         self._wake.set()
@@ -119,36 +139,51 @@ class AsyncEngine:
         return self.dead_reason is None and self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------- requests
-    def submit(self, request: GenerateRequest) -> TokenStream:
-        """Admit a request now and return its event stream (call from the event loop).
+    async def submit(self, request: GenerateRequest) -> TokenStream:
+        """Admit a request and return its event stream (call from the event loop).
 
-        Validation and overload errors are raised here, before any event, so a server can
-        answer 422/429 with a status code instead of inside an already-started stream.
+        Overload, validation and dead-engine errors are raised here, before any event, so a
+        server can answer 429/422/503 with a status code instead of inside a started stream.
+        Validation runs on a validation thread; `request.validation_time` records how long.
         """
+        self._check_alive()
+        self.engine.reserve()  # overload is answered before any tokenizing work
+        started = time.monotonic()
+        try:
+            state = await self.off_loop(lambda: self.engine.validate(request))
+        except BaseException:
+            self.engine.unreserve()
+            raise
+        request.validation_time = time.monotonic() - started
+        return self._enqueue(state)
+
+    def _check_alive(self) -> None:
         if self.dead_reason is not None:
-            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+            raise EngineDeadError(ENGINE_DEAD)
         if self._thread is None:
             self.start()
-        rid = request.request_id
+
+    def _enqueue(self, state: RequestState) -> TokenStream:
+        rid = state.request_id
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         with self._subs_lock:
             self._subscribers[rid] = sub
         try:
-            self.engine.add_request(request)
+            self.engine.enqueue(state)
         except BaseException:
             with self._subs_lock:
                 self._subscribers.pop(rid, None)
             raise
         stream = TokenStream(self, rid, sub.queue)
-        if self.dead_reason is not None:  # died between the check above and the add
+        if self.dead_reason is not None:  # died between the check and the enqueue
             stream.close()
-            raise EngineDeadError(f"engine is dead: {self.dead_reason}")
+            raise EngineDeadError(ENGINE_DEAD)
         self._wake.set()
         return stream
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """Stream the request's token events; raises its error (ModelError, ...) in the stream."""
-        stream = self.submit(request)
+        stream = await self.submit(request)
         try:
             async for event in stream:
                 yield event
@@ -213,11 +248,12 @@ class AsyncEngine:
         except BaseException as exc:  # the engine cannot continue: fail everyone, report it
             self.dead_reason = f"{type(exc).__name__}: {exc}"
             log.critical("engine loop died: %s", self.dead_reason, exc_info=True)
-            error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(self.dead_reason)
             try:
-                self._dispatch(self.engine.fail_all(error))
+                self._dispatch(self.engine.fail_all(EngineDeadError(ENGINE_DEAD)))
             except Exception:  # pragma: no cover - best effort while dying
                 log.exception("failing in-flight requests after engine death")
+            if self.on_dead is not None:
+                self.on_dead(self.dead_reason)
         finally:
             self._cancel_calls()
 

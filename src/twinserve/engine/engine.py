@@ -1,12 +1,22 @@
 """The synchronous engine core: admit → schedule → run → update, one step at a time.
 
-`add_request` validates and tokenizes in the caller's thread and hands the request to
-the core through a thread-safe inbox; `step` runs in the engine thread. The overload
-check happens at `add_request`, so a full engine answers at once instead of queueing.
+Intake is three thread-safe calls: `reserve` (the overload check, so a full engine
+answers at once instead of queueing), `validate` (tokenize and check the limits: the
+costly part, which AsyncEngine runs on its validation threads) and `enqueue` (hand the
+request to the core through an inbox); `add_request` does all three. `step` runs in the
+engine thread.
+
+A forward pass that fails is retried row by row, so one request that breaks the model
+(or the sampler) fails alone with a 424 and the rest of its batch goes on. A pass in
+which every row fails may be the request's fault or the device's; a probe request (a
+few tokens every model can run) is queued after it, and only when passes keep failing
+with the probes among them is the engine declared dead. So a client re-sending a bad
+request cannot kill the engine, and a broken device still does within a few steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -21,6 +31,7 @@ from twinserve.engine.request import (
     GenerateRequest,
     GenerationDetails,
     RequestStatus,
+    SamplingParams,
     Token,
     TokenEvent,
 )
@@ -30,6 +41,7 @@ from twinserve.engine.scheduler import Scheduler
 from twinserve.engine.state import RequestState
 from twinserve.engine.stop import StopSequenceMatcher
 from twinserve.errors import (
+    ContextLengthError,
     EngineDeadError,
     ModelError,
     OverloadedError,
@@ -39,8 +51,14 @@ from twinserve.errors import (
 
 log = logging.getLogger(__name__)
 
-# after this many forward passes in a row fail, the engine declares itself dead
+# after this many passes in a row fail for every row (probes included), the engine is dead
 MAX_CONSECUTIVE_FAILURES = 3
+PROBE_REQUEST_PREFIX = "probe-"
+# prompt logprobs (`decoder_input_details`) materialise prompt tokens × vocab logits:
+# bounded to 64M values (256 MB in fp32), i.e. ~1,300 tokens for a 49k vocab
+MAX_PROMPT_LOGPROB_VALUES = 2**26
+# what a client sees of a failed forward pass; the exception itself goes to the log
+GENERATION_FAILED = "Request failed during generation"
 
 
 class Engine:
@@ -63,9 +81,11 @@ class Engine:
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._by_id: dict[str, RequestState] = {}
         self._in_flight = 0
+        self._reserved = 0  # admitted, still validating
         self._lock = threading.Lock()
         self._seeds = random.Random(config.seed)
         self._failures = 0
+        self._probes = 0
         self._dying = False
         self.emit: Callable[[list[TokenEvent]], None] | None = None
         self.loaded: Any = None  # the LoadedModel, when built by the factory (for /info)
@@ -74,6 +94,11 @@ class Engine:
     @property
     def num_in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def num_admitted(self) -> int:
+        """Requests counted against max_concurrent_requests: validating, waiting or running."""
+        return self._in_flight + self._reserved
 
     @property
     def num_running(self) -> int:
@@ -85,35 +110,62 @@ class Engine:
 
     def tokenize(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
+            given = list(request.prompt_token_ids)
             vocab = len(self.tokenizer)
-            if any(not 0 <= i < vocab for i in ids):
-                raise ValidationError(f"`prompt_token_ids` must be in [0, {vocab})")
-        else:
-            assert request.prompt is not None
-            ids = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+            if any(not 0 <= i < vocab for i in given):
+                raise ValidationError(f"`prompt_token_ids` must be in [0, {vocab})", param="prompt")
+            return given
+        assert request.prompt is not None
+        try:
+            encoded = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)
+        except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates
+            raise ValidationError("`inputs` is not valid text for the tokenizer") from exc
+        ids: list[int] = encoded["input_ids"]
         return ids
 
     def validate(self, request: GenerateRequest) -> RequestState:
         """Tokenize and check the limits; raises ValidationError with TGI's wording."""
         cfg, params = self.config, request.params
+        if params.truncate is not None and params.truncate > cfg.max_input_tokens:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {cfg.max_input_tokens}. "
+                f"Given: {params.truncate}",
+                param="truncate",
+            )
         ids = self.tokenize(request)
         if not ids:
             raise ValidationError("`inputs` cannot be empty")
         if params.truncate is not None and len(ids) > params.truncate:
             ids = ids[-params.truncate :]
-        if len(ids) > cfg.max_input_tokens:
-            raise ValidationError(
-                f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {len(ids)}"
-            )
         max_new = params.max_new_tokens
+        if len(ids) > cfg.max_input_tokens:
+            raise ContextLengthError(
+                f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {len(ids)}",
+                limit=cfg.max_input_tokens,
+                prompt_tokens=len(ids),
+                new_tokens=max_new or 0,
+            )
         if max_new is None:
             max_new = cfg.max_total_tokens - len(ids)
         if len(ids) + max_new > cfg.max_total_tokens:
-            raise ValidationError(
+            raise ContextLengthError(
                 f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
-                f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`"
+                f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`",
+                limit=cfg.max_total_tokens,
+                prompt_tokens=len(ids),
+                new_tokens=max_new,
             )
+        vocab = len(self.tokenizer)
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValidationError(f"`stop_token_ids` must be in [0, {vocab})", param="stop_token_ids")
+        if params.decoder_input_details:
+            most = max(1, MAX_PROMPT_LOGPROB_VALUES // max(vocab, 1))
+            if len(ids) > most:
+                raise ValidationError(
+                    f"`decoder_input_details` is limited to prompts of at most {most} tokens on this "
+                    f"model. Given: {len(ids)}",
+                    param="decoder_input_details",
+                )
         seed = params.seed
         if seed is None and params.is_sampling:
             with self._lock:
@@ -122,26 +174,57 @@ class Engine:
             request=request,
             prompt_ids=ids,
             max_new_tokens=max_new,
-            sampling=SamplingState(params, ids, seed),
+            sampling=SamplingState(params, ids, seed, stop_ids=self._stop_ids(params)),
             seed=seed if params.is_sampling else None,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=True),
-            stop=StopSequenceMatcher(params.stop) if params.stop else None,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            ),
+            stop=StopSequenceMatcher(params.stop, include_stop=params.include_stop_str_in_output)
+            if params.stop
+            else None,
         )
 
-    def add_request(self, request: GenerateRequest) -> RequestState:
-        """Validate and enqueue; OverloadedError at once when the engine is full."""
-        state = self.validate(request)
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """Tokens that end generation: EOS (unless ignored) and the request's stop token ids."""
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        return eos | frozenset(params.stop_token_ids)
+
+    def reserve(self) -> None:
+        """Count a request in (validating, then queued); OverloadedError at once when full."""
         with self._lock:
-            if request.request_id in self._by_id:
-                raise ValidationError(f"duplicate request id {request.request_id!r}")
-            if self._in_flight >= self.config.max_concurrent_requests:
+            busy = self._in_flight + self._reserved
+            if busy >= self.config.max_concurrent_requests:
                 raise OverloadedError(
-                    f"Model is overloaded: {self._in_flight} requests in flight "
+                    f"Model is overloaded: {busy} requests in flight "
                     f"(max_concurrent_requests={self.config.max_concurrent_requests})"
                 )
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        """Give back a reservation whose request failed validation."""
+        with self._lock:
+            self._reserved -= 1
+
+    def enqueue(self, state: RequestState) -> None:
+        """Hand a validated request to the core; uses up the caller's reservation either way."""
+        rid = state.request_id
+        with self._lock:
+            self._reserved -= 1
+            if rid in self._by_id:
+                raise ValidationError(f"duplicate request id {rid!r}")
             self._in_flight += 1
-            self._by_id[request.request_id] = state
+            self._by_id[rid] = state
         self._inbox.put(state)
+
+    def add_request(self, request: GenerateRequest) -> RequestState:
+        """Reserve, validate and enqueue in the caller's thread."""
+        self.reserve()
+        try:
+            state = self.validate(request)
+        except BaseException:
+            self.unreserve()
+            raise
+        self.enqueue(state)
         return state
 
     def abort_request(self, request_id: str) -> None:
@@ -188,22 +271,62 @@ class Engine:
     def _run(self, rows: list[RequestState], *, prefill: bool) -> list[TokenEvent]:
         try:
             output = self.runner.execute(rows, prefill=prefill)
-        except Exception as exc:  # a failed forward fails its rows, not the engine
-            return self._forward_failed(rows, exc, prefill=prefill)
+        except Exception as exc:
+            if len(rows) == 1:
+                return self._forward_failed(rows, exc, prefill=prefill)
+            log.warning(
+                "forward pass failed for %d rows (prefill=%s): %s; retrying row by row",
+                len(rows),
+                prefill,
+                exc,
+            )
+            return self._run_rows_alone(rows, prefill=prefill)
         self._failures = 0
         events = self._update(rows, output, prefill=prefill)
         self._emit(events)
         return events
 
+    def _run_rows_alone(self, rows: list[RequestState], *, prefill: bool) -> list[TokenEvent]:
+        """Each row in a pass of its own, so only the rows that fail alone fail."""
+        ok: list[RequestState] = []
+        outputs: list[RunnerOutput] = []
+        failed: list[tuple[RequestState, Exception]] = []
+        for row in rows:
+            try:
+                outputs.append(self.runner.execute([row], prefill=prefill))
+                ok.append(row)
+            except Exception as exc:
+                failed.append((row, exc))
+        if not ok:
+            return self._forward_failed(rows, failed[0][1], prefill=prefill)
+        self._failures = 0
+        events = self._update(ok, RunnerOutput.concat(outputs), prefill=prefill)
+        for row, cause in failed:
+            log.error(
+                "forward pass failed for one request (prefill=%s)",
+                prefill,
+                extra={"engine_request_id": row.request_id},
+                exc_info=cause,
+            )
+            events.append(self._fail(row, ModelError(GENERATION_FAILED)))
+        self._emit(events)
+        return events
+
     def _forward_failed(self, rows: list[RequestState], exc: Exception, *, prefill: bool) -> list[TokenEvent]:
         self._failures += 1
-        log.exception("forward pass failed (%d rows, prefill=%s)", len(rows), prefill)
-        error = ModelError(f"Request failed during generation: {type(exc).__name__}: {exc}")
-        events = [self._fail(r, error) for r in rows]
+        log.error("forward pass failed (%d rows, prefill=%s)", len(rows), prefill, exc_info=exc)
+        events = [self._fail(r, ModelError(GENERATION_FAILED)) for r in rows]
         self._emit(events)
         if self._failures >= MAX_CONSECUTIVE_FAILURES:
-            raise EngineDeadError(f"{self._failures} forward passes failed in a row: {exc}") from exc
+            raise EngineDeadError(f"{self._failures} forward passes failed in a row: {exc!r}") from exc
+        self._queue_probe()
         return events
+
+    def _queue_probe(self) -> None:
+        """A request every model can serve, to tell a bad request from a broken device."""
+        self._probes += 1
+        with contextlib.suppress(OverloadedError):  # a full engine gets real passes soon enough
+            self.add_request(probe_request(self, f"{PROBE_REQUEST_PREFIX}{self._probes}"))
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if self.emit is not None and events:
@@ -245,9 +368,15 @@ class Engine:
         assert state.detokenizer is not None
         delta = state.detokenizer.add(tid)
         status: RequestStatus | None = None
-        if tid in self.eos_token_ids and not state.request.params.ignore_eos:
-            status = RequestStatus.FINISHED_EOS
-        if state.stop is not None:
+        params = state.request.params
+        may_stop = len(state.output_ids) > params.min_tokens
+        if may_stop and tid in state.sampling.stop_ids:
+            status = (
+                RequestStatus.FINISHED_STOP
+                if tid in params.stop_token_ids and tid not in self.eos_token_ids
+                else RequestStatus.FINISHED_EOS
+            )
+        if state.stop is not None and may_stop:
             delta, matched = state.stop.feed(delta)
             if matched and status is None:
                 status = RequestStatus.FINISHED_STOP
@@ -319,3 +448,11 @@ class Engine:
         self._drain_inbox()
         states = list(self.scheduler.running) + list(self.scheduler.waiting)
         return [self._fail(s, error) for s in states]
+
+
+def probe_request(engine: Engine, request_id: str) -> GenerateRequest:
+    """Four EOS tokens in, two tokens out (a prefill and a decode): runs on any model."""
+    ids = [min(engine.eos_token_ids, default=0)] * 4
+    return GenerateRequest(
+        prompt_token_ids=ids, params=SamplingParams(max_new_tokens=2), request_id=request_id
+    )

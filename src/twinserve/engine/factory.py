@@ -11,9 +11,8 @@ import sys
 import torch
 
 from twinserve.config import CPU_PREFILL_STEP_TOKENS, EngineConfig
-from twinserve.engine.engine import Engine
+from twinserve.engine.engine import Engine, probe_request
 from twinserve.engine.loader import load_model
-from twinserve.engine.request import GenerateRequest, SamplingParams
 from twinserve.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,7 @@ def release_freed_memory() -> None:
 
 def warm_up(engine: Engine) -> None:
     """One short greedy generation, so kernels and allocators are initialised before serving."""
-    ids = [min(engine.eos_token_ids, default=0)] * 4
-    state = engine.add_request(
-        GenerateRequest(prompt_token_ids=ids, params=SamplingParams(max_new_tokens=2), request_id="warmup")
-    )
+    state = engine.add_request(probe_request(engine, "warmup"))
     while not state.status.is_finished:
         engine.step()
     engine.step()  # releases the cache once idle

@@ -1,8 +1,9 @@
 """What a generation request is, inside the engine and out of it.
 
 `SamplingParams` follows TGI's parameter names and semantics (a request samples when
-`do_sample` is set *or* any warper — temperature ≠ 1, top_k, top_p, typical_p — is
-given), and its validation messages read like TGI's so they can go to clients as-is.
+`do_sample` is set *or* any warper — temperature ≠ 1, top_k, top_p, typical_p, min_p —
+is given), with OpenAI's and vLLM's extras (presence penalty, min_p, min_tokens, stop
+token ids) that the OpenAI routes expose.
 """
 
 from __future__ import annotations
@@ -11,13 +12,29 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from twinserve.errors import TwinserveError
 
-MAX_TOP_N_TOKENS = 5
+# the engine's own bounds; a wire format may set tighter ones (TGI allows 5 top tokens)
+MAX_TOP_N_TOKENS = 20
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCE_CHARS = 256  # the matcher holds back up to this much text per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_SEED = 2**64  # exclusive: TGI's seeds are u64
+MAX_TOKENS_FIELD = 2**31 - 1  # counts of tokens (top_k, max_new_tokens, ...) fit an int32
+
+# Constrained types shared by SamplingParams and the wire schemas, so a constraint lives in
+# one place and the OpenAPI document states it (exclusiveMinimum, maxLength, ...).
+StrictlyPositive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+OpenProbability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+TokenCount = Annotated[int, Field(gt=0, le=MAX_TOKENS_FIELD)]
+Seed = Annotated[int, Field(ge=0, lt=MAX_SEED)]
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKENS_FIELD)]
 
 
 class FinishReason(enum.StrEnum):
@@ -56,119 +73,70 @@ _FINISH_REASONS = {
 
 
 class SamplingParams(BaseModel):
-    """Generation parameters of one request (TGI semantics)."""
+    """Generation parameters of one request (TGI semantics, plus OpenAI's and vLLM's extras).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every bound is a field constraint, so nothing out of range (NaN included) reaches
+    the sampler, whoever builds the params.
+    """
 
-    max_new_tokens: int | None = Field(
-        None, description="Tokens to generate at most (> 0); None fills up to max_total_tokens."
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_new_tokens: TokenCount | None = Field(
+        None, description="Tokens to generate at most; None fills up to max_total_tokens."
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOKENS_FIELD,
+        description="Tokens to generate before EOS, stop token ids or stop strings may end it (vLLM).",
     )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float | None = Field(None, description="Softmax temperature (> 0).")
-    top_k: int | None = Field(None, description="Keep the k most likely tokens (> 0).")
-    top_p: float | None = Field(None, description="Nucleus sampling mass (0 < p < 1).")
-    typical_p: float | None = Field(None, description="Locally typical sampling mass (0 < p < 1).")
-    repetition_penalty: float | None = Field(
+    temperature: StrictlyPositive | None = Field(None, description="Softmax temperature (> 0).")
+    top_k: TokenCount | None = Field(None, description="Keep the k most likely tokens (> 0).")
+    top_p: OpenProbability | None = Field(None, description="Nucleus sampling mass (0 < p < 1).")
+    typical_p: OpenProbability | None = Field(None, description="Locally typical sampling mass (0 < p < 1).")
+    min_p: float | None = Field(
+        None, gt=0, le=1, description="Drop tokens below min_p × the top token's probability (vLLM)."
+    )
+    repetition_penalty: StrictlyPositive | None = Field(
         None, description="Divide logits of seen tokens (> 0, 1 = off), CTRL-style."
     )
-    frequency_penalty: float | None = Field(
+    frequency_penalty: Penalty | None = Field(
         None, description="Subtract penalty × count of each generated token (-2 ≤ x ≤ 2)."
     )
-    seed: int | None = Field(None, description="Random seed (≥ 0); same seed and params give the same text.")
-    stop: list[str] = Field(
-        default_factory=list, description=f"Stop sequences (at most {MAX_STOP_SEQUENCES})."
+    presence_penalty: Penalty | None = Field(
+        None, description="Subtract penalty once from each token generated so far (-2 ≤ x ≤ 2, OpenAI)."
     )
+    seed: Seed | None = Field(None, description="Random seed; same seed and params give the same text.")
+    stop: list[StopSequence] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description=f"Stop strings (at most {MAX_STOP_SEQUENCES}, each 1..{MAX_STOP_SEQUENCE_CHARS} characters).",
+    )
+    stop_token_ids: list[TokenId] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="Token ids that end generation like EOS (vLLM).",
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the matched stop string at the end of the text (TGI does; OpenAI doesn't)."
+    )
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
-    truncate: int | None = Field(None, description="Keep only the last `truncate` prompt tokens (> 0).")
+    truncate: TokenCount | None = Field(None, description="Keep only the last `truncate` prompt tokens.")
     details: bool = Field(False, description="Return finish reason, tokens and logprobs.")
     decoder_input_details: bool = Field(
         False, description="Also return the prompt tokens with their logprobs."
     )
     top_n_tokens: int | None = Field(
-        None, description=f"Return the n most likely alternatives per token (0..{MAX_TOP_N_TOKENS})."
+        None,
+        ge=0,
+        le=MAX_TOP_N_TOKENS,
+        description=f"Return the n most likely alternatives per token (0..{MAX_TOP_N_TOKENS}).",
     )
     ignore_eos: bool = Field(
         False, description="Keep generating past EOS (vLLM's extension; benchmarks use it)."
     )
-
-    @field_validator("max_new_tokens")
-    @classmethod
-    def _positive_new_tokens(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`max_new_tokens` must be strictly positive")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _positive_temperature(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`temperature` must be strictly positive")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _positive_top_k(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`top_k` must be strictly positive")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p_range(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v < 1.0:
-            raise ValueError("`top_p` must be > 0.0 and < 1.0")
-        return v
-
-    @field_validator("typical_p")
-    @classmethod
-    def _typical_p_range(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v < 1.0:
-            raise ValueError("`typical_p` must be > 0.0 and < 1.0")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _positive_repetition(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError("`repetition_penalty` must be strictly positive")
-        return v
-
-    @field_validator("frequency_penalty")
-    @classmethod
-    def _frequency_range(cls, v: float | None) -> float | None:
-        if v is not None and not -2.0 <= v <= 2.0:
-            raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_range(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v < 2**63:
-            raise ValueError("`seed` must be >= 0 and < 2^63")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_count(cls, v: list[str]) -> list[str]:
-        if len(v) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}")
-        if any(s == "" for s in v):
-            raise ValueError("`stop` sequences must not be empty")
-        return v
-
-    @field_validator("truncate")
-    @classmethod
-    def _positive_truncate(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("`truncate` must be strictly positive")
-        return v
-
-    @field_validator("top_n_tokens")
-    @classmethod
-    def _top_n_range(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_TOP_N_TOKENS:
-            raise ValueError(f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
-        return v
 
     @property
     def is_sampling(self) -> bool:
@@ -179,6 +147,7 @@ class SamplingParams(BaseModel):
             or self.top_k is not None
             or self.top_p is not None
             or self.typical_p is not None
+            or self.min_p is not None
         )
 
 
@@ -198,6 +167,7 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
     arrival_time: float = field(default_factory=time.monotonic)
+    validation_time: float | None = None  # seconds spent tokenizing and validating, once done
     # False for prompts rendered by a chat template, which already holds BOS and friends
     add_special_tokens: bool = True
 

@@ -29,6 +29,16 @@ class RunnerOutput:
     top_tokens: list[list[tuple[int, float]]]
     prompt_logprobs: list[list[float] | None] = field(default_factory=list)
 
+    @staticmethod
+    def concat(outputs: list[RunnerOutput]) -> RunnerOutput:
+        """The outputs of several passes, rows in order (rows run one pass each after a failure)."""
+        return RunnerOutput(
+            token_ids=[t for o in outputs for t in o.token_ids],
+            logprobs=[lp for o in outputs for lp in o.logprobs],
+            top_tokens=[top for o in outputs for top in o.top_tokens],
+            prompt_logprobs=[p for o in outputs for p in (o.prompt_logprobs or [None] * len(o.token_ids))],
+        )
+
 
 class Runner(Protocol):
     """What the engine needs from whatever executes the model."""
@@ -136,9 +146,8 @@ class ModelRunner:
             if not r.wants_prompt_logprobs:
                 prompt_logprobs.append(None)
                 continue
-            logp = torch.log_softmax(logits[start : start + n - 1], dim=-1)
-            targets = torch.tensor(r.prompt_ids[1:], dtype=torch.long, device=logp.device)
-            prompt_logprobs.append(logp.gather(1, targets[:, None]).squeeze(1).tolist())
+            targets = torch.tensor(r.prompt_ids[1:], dtype=torch.long, device=logits.device)
+            prompt_logprobs.append(target_logprobs(logits[start : start + n - 1], targets))
         if len(last_rows) != logits.shape[0]:
             logits = logits[torch.tensor(last_rows, device=logits.device)]
         return logits, prompt_logprobs
@@ -158,6 +167,24 @@ class ModelRunner:
         # the LM head runs on one position only; its logits are not needed
         self.model.forward(batch, self.cache, torch.tensor([prefix - 1], dtype=torch.long).to(dev))
         self.cache.copy_prefix(first.slot, [r.slot for r in rows[1:]], prefix)
+
+
+# rows of prompt logits turned into logprobs at a time: the fp32 copy stays this small
+_LOGPROB_CHUNK_ROWS = 256
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """log_softmax(logits)[i, targets[i]] for each row, in fp32, without a full-size copy.
+
+    A whole-prompt log_softmax would hold a second prompt × vocab tensor in fp32; chunks of
+    rows keep that to `_LOGPROB_CHUNK_ROWS` × vocab.
+    """
+    out: list[float] = []
+    for begin in range(0, logits.shape[0], _LOGPROB_CHUNK_ROWS):
+        chunk = logits[begin : begin + _LOGPROB_CHUNK_ROWS].float()
+        picked = chunk.gather(1, targets[begin : begin + chunk.shape[0], None]).squeeze(1)
+        out.extend((picked - torch.logsumexp(chunk, dim=-1)).tolist())
+    return out
 
 
 # sharing pays when it saves at least this many prompt tokens of compute (one extra pass costs ~that)

@@ -1,8 +1,10 @@
 """Turn a batch of next-token logits into next tokens, one request per row.
 
-Processing follows TGI's order: repetition penalty, frequency penalty, then — for sampling
-rows only — temperature, top-k, top-p, typical-p (HF semantics, at least one token kept).
-Greedy rows take the argmax of the penalized logits.
+Processing follows TGI's order: the `min_tokens` ban on stop tokens (vLLM), repetition
+penalty, frequency and presence penalties (OpenAI), then — for sampling rows only —
+temperature, min-p (vLLM's place for it), top-k, top-p, typical-p (HF semantics, at least
+one token kept). Greedy rows take the argmax of the penalized logits. Processed scores are
+kept finite (an absurd penalty cannot turn a row into NaN), so every logprob is a number.
 
 Determinism: each sampling request owns a CPU `torch.Generator` seeded once, and draws
 exactly one uniform number from it per step; the token is found by inverse-CDF over the
@@ -18,6 +20,7 @@ log-softmax.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import torch
 from twinserve.engine.request import SamplingParams
 
 _NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-6
 # Top-p / typical-p look for their kept set among this many most likely tokens before
 # sorting a whole row (a full sort of 49k logits is slow on CPU).
 _CANDIDATES = 512
@@ -68,7 +72,13 @@ class SamplingState:
     count, e.g. not a token it then discards).
     """
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], seed: int | None = None) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        seed: int | None = None,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self.params = params
         self.is_sampling = params.is_sampling
         self.generator: torch.Generator | None = None
@@ -77,10 +87,19 @@ class SamplingState:
             self.seed = seed if seed is not None else new_seed()
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(self.seed)
-        self.temperature = params.temperature if params.temperature is not None else 1.0
+        # below ~1e-6 the distribution is one-hot at float precision anyway, and a smaller
+        # divisor would underflow to 0 in fp32
+        self.temperature = max(params.temperature, MIN_TEMPERATURE) if params.temperature is not None else 1.0
         self.top_k = params.top_k
         self.top_p = params.top_p
         self.typical_p = params.typical_p
+        self.min_p = params.min_p
+        # Tokens that end the request (EOS, stop token ids): banned until min_tokens are out.
+        self.stop_ids = stop_ids
+        self.min_tokens = params.min_tokens
+        self._stop_id_tensor = (
+            torch.tensor(sorted(stop_ids), dtype=torch.int64) if params.min_tokens else None
+        )
         rep = params.repetition_penalty
         self.repetition_penalty = rep if rep is not None and rep != 1.0 else None
         freq = params.frequency_penalty
@@ -94,6 +113,11 @@ class SamplingState:
             self._seen_ids = _IdBuffer(sorted(self._seen))
         # Frequency penalty: every generated id (duplicates make the count).
         self._generated_ids = _IdBuffer([]) if self.frequency_penalty is not None else None
+        # Presence penalty: the distinct generated ids.
+        presence = params.presence_penalty
+        self.presence_penalty = presence if presence else None
+        self._present: set[int] | None = set() if self.presence_penalty is not None else None
+        self._present_ids = _IdBuffer([]) if self.presence_penalty is not None else None
 
     def append(self, token_id: int) -> None:
         """Record a generated token for the penalties."""
@@ -103,6 +127,16 @@ class SamplingState:
             self._seen_ids.append(token_id)
         if self._generated_ids is not None:
             self._generated_ids.append(token_id)
+        if self._present is not None and self._present_ids is not None and token_id not in self._present:
+            self._present.add(token_id)
+            self._present_ids.append(token_id)
+
+    @property
+    def bans_stop_tokens(self) -> bool:
+        """Whether EOS and the stop token ids are still banned (fewer than min_tokens generated)."""
+        return (
+            self._stop_id_tensor is not None and bool(self.stop_ids) and self.num_generated < self.min_tokens
+        )
 
     def draw_uniform(self) -> float:
         """The next U[0, 1) number of this request's own random stream."""
@@ -136,19 +170,29 @@ def sample(logits: torch.Tensor, states: list[SamplingState], top_n: list[int]) 
         raise ValueError(
             f"logits {tuple(logits.shape)} do not match {len(states)} states / {len(top_n)} top_n"
         )
+    ban_rows = [i for i, s in enumerate(states) if s.bans_stop_tokens]
     rep_rows = [i for i, s in enumerate(states) if s._seen_ids]
     freq_rows = [i for i, s in enumerate(states) if s._generated_ids]
+    presence_rows = [i for i, s in enumerate(states) if s._present_ids]
     sample_rows = [i for i, s in enumerate(states) if s.is_sampling]
 
     # Processed in place, so copied; an all-greedy, penalty-free batch is only read.
-    in_place = bool(rep_rows or freq_rows or sample_rows)
+    in_place = bool(ban_rows or rep_rows or freq_rows or presence_rows or sample_rows)
     scores = logits.to(torch.float32, copy=in_place)
+    for i in ban_rows:
+        stop_ids = states[i]._stop_id_tensor
+        assert stop_ids is not None
+        scores[i, stop_ids.to(scores.device)] = _NEG_INF
     if rep_rows:
         _apply_repetition_penalty(scores, [states[i] for i in rep_rows], rep_rows)
     if freq_rows:
         _apply_frequency_penalty(scores, [states[i] for i in freq_rows], freq_rows)
+    if presence_rows:
+        _apply_presence_penalty(scores, [states[i] for i in presence_rows], presence_rows)
     if sample_rows:
         _warp(scores, [states[i] for i in sample_rows], sample_rows)
+    if in_place:  # +inf (a tiny penalty divisor) or NaN would make the row's logprobs NaN
+        torch.nan_to_num_(scores, nan=_NEG_INF, posinf=torch.finfo(scores.dtype).max, neginf=_NEG_INF)
 
     logprobs = torch.log_softmax(scores, dim=-1)
     token_ids = fast_argmax(scores)
@@ -188,16 +232,29 @@ def _rows_tensor(rows: list[int], device: torch.device) -> torch.Tensor:
 
 def _apply_repetition_penalty(scores: torch.Tensor, states: list[SamplingState], rows: list[int]) -> None:
     """CTRL-style: a seen token's logit is divided by the penalty if > 0, else multiplied."""
-    views = [s._seen_ids.view() for s in states if s._seen_ids is not None]
+    _update_distinct_ids(
+        scores,
+        rows,
+        [s._seen_ids.view() for s in states if s._seen_ids is not None],
+        [s.repetition_penalty for s in states],
+        lambda seen, penalty: torch.where(seen > 0, seen / penalty, seen * penalty),
+    )
+
+
+def _update_distinct_ids(
+    scores: torch.Tensor,
+    rows: list[int],
+    views: list[torch.Tensor],
+    penalties: list[float | None],
+    update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """`scores[row, id] = update(scores[row, id], penalty)` for each row's distinct ids, batched."""
     ids = torch.nn.utils.rnn.pad_sequence(views, batch_first=True, padding_value=-1)
     # Pad with the row's own first id: duplicates then write the same value twice.
     ids = torch.where(ids < 0, ids[:, :1], ids).to(scores.device, non_blocking=True)
-    penalty = torch.tensor(
-        [s.repetition_penalty for s in states], dtype=scores.dtype, device=scores.device
-    ).unsqueeze(1)
+    penalty = torch.tensor(penalties, dtype=scores.dtype, device=scores.device).unsqueeze(1)
     row_idx = _rows_tensor(rows, scores.device).unsqueeze(1).expand_as(ids)
-    seen = scores[row_idx, ids]
-    scores[row_idx, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    scores[row_idx, ids] = update(scores[row_idx, ids], penalty)
 
 
 def _apply_frequency_penalty(scores: torch.Tensor, states: list[SamplingState], rows: list[int]) -> None:
@@ -214,8 +271,19 @@ def _apply_frequency_penalty(scores: torch.Tensor, states: list[SamplingState], 
     scores.index_put_((row_idx, ids.clamp(min=0)), amount, accumulate=True)
 
 
+def _apply_presence_penalty(scores: torch.Tensor, states: list[SamplingState], rows: list[int]) -> None:
+    """OpenAI-style: subtract the penalty once from every token generated so far."""
+    _update_distinct_ids(
+        scores,
+        rows,
+        [s._present_ids.view() for s in states if s._present_ids is not None],
+        [s.presence_penalty for s in states],
+        lambda seen, penalty: seen - penalty,
+    )
+
+
 def _warp(scores: torch.Tensor, states: list[SamplingState], rows: list[int]) -> None:
-    """Temperature, top-k, top-p, typical-p on the sampling rows of `scores`, in place."""
+    """Temperature, min-p, top-k, top-p, typical-p on the sampling rows of `scores`, in place."""
     everyone = len(rows) == scores.shape[0]
     row_idx = _rows_tensor(rows, scores.device)
     w = scores if everyone else scores[row_idx]
@@ -223,7 +291,15 @@ def _warp(scores: torch.Tensor, states: list[SamplingState], rows: list[int]) ->
 
     temps = [s.temperature for s in states]
     if any(t != 1.0 for t in temps):
+        # Shift each row's maximum to 0 first (softmax is shift-invariant): dividing by a tiny
+        # temperature then sends the other logits towards -inf instead of overflowing to +inf.
+        w.sub_(w.amax(dim=-1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
         w.div_(torch.tensor(temps, dtype=w.dtype, device=dev).unsqueeze(1))
+
+    m_rows = [j for j, s in enumerate(states) if s.min_p is not None]
+    if m_rows:
+        floors = torch.tensor([math.log(states[j].min_p or 1.0) for j in m_rows], dtype=w.dtype, device=dev)
+        _on_rows(w, m_rows, lambda x: _min_p(x, floors))
 
     k_rows = [j for j, s in enumerate(states) if s.top_k is not None and s.top_k < w.shape[1]]
     if k_rows:
@@ -251,6 +327,12 @@ def _on_rows(w: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor], None
     sub = w[idx]
     fn(sub)
     w.index_copy_(0, idx, sub)
+
+
+def _min_p(x: torch.Tensor, log_floors: torch.Tensor) -> None:
+    # vLLM semantics: drop tokens whose probability is below min_p × the top probability,
+    # i.e. whose logit is below the top logit + log(min_p); the top token always stays.
+    x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + log_floors.unsqueeze(1), _NEG_INF)
 
 
 def _top_k(x: torch.Tensor, ks: torch.Tensor) -> None:

@@ -3,8 +3,9 @@
 A stop string can span many tokens ("\\n\\nUser:" may arrive as "\\n", "\\nUser", ":"), so
 the matcher keeps back the longest tail of the pending text that could still grow into a
 stop string and releases it once it cannot. On a match the text before the stop string is
-released and the stop string itself is dropped (OpenAI / vLLM semantics), so the streamed
-text always equals the final `generated_text`.
+released and the stop string itself is dropped (OpenAI / vLLM semantics) or, with
+`include_stop`, released too (TGI's semantics, vLLM's `include_stop_str_in_output`); text
+after it is dropped either way, so the streamed text always equals the final `generated_text`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 class StopSequenceMatcher:
     """Per-request stop-string state: feed text deltas, get the text that is safe to emit."""
 
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], *, include_stop: bool = False) -> None:
         self._stops = [s for s in dict.fromkeys(stop) if s]
+        self._include_stop = include_stop
         self._pending = ""
         self.matched_stop: str | None = None
         """The stop string that ended generation, once one has."""
@@ -36,7 +38,7 @@ class StopSequenceMatcher:
             start, stop = match
             self.matched_stop = stop
             self._pending = ""
-            return text[:start], True
+            return text[: start + len(stop) if self._include_stop else start], True
         keep = self._held_back_len(text)
         self._pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False

@@ -1,16 +1,19 @@
 """Errors on the wire: one mapping per protocol, from twinserve's error tree to a body.
 
 TGI: `{"error": str, "error_type": str}`; OpenAI: `{"error": {message, type, param, code}}`.
-The HTTP status comes from the error class, so a 429 is a 429 in every protocol.
+The HTTP status comes from the error class, so a 429 is a 429 in every protocol, with one
+exception that clients depend on: OpenAI and vLLM answer bad requests with **400** (the
+openai SDK raises `BadRequestError` for it), where TGI answers 422. A prompt over the
+context window is worded as each protocol's clients recognise it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
-from twinserve.errors import TwinserveError
+from twinserve.errors import ContextLengthError, ServerError, TwinserveError, ValidationError
 from twinserve.server.protocol import openai, tgi
 
 Wire = Literal["tgi", "openai"]
@@ -29,14 +32,42 @@ _OPENAI_TYPES = {
 }
 
 
+class InternalError(ServerError):
+    """What a client sees of a bug: a stable message and the request id, never internals."""
+
+    error_type = "internal"
+
+    def __init__(self, request_id: str | None) -> None:
+        suffix = f" (request id {request_id})" if request_id else ""
+        super().__init__(f"internal server error{suffix}; the server log has the details")
+
+
+def status_for(exc: TwinserveError, wire: Wire) -> int:
+    if wire == "openai" and isinstance(exc, ValidationError):
+        return 400
+    return exc.status_code
+
+
 def tgi_error(exc: TwinserveError) -> tgi.ErrorResponse:
     return tgi.ErrorResponse(error=exc.message, error_type=exc.error_type)
 
 
 def openai_error(exc: TwinserveError) -> openai.ErrorResponse:
+    message, code, param = exc.message, status_for(exc, "openai"), getattr(exc, "param", None)
+    code_name: int | str = code
+    if isinstance(exc, ContextLengthError):
+        message = (
+            f"This model's maximum context length is {exc.limit} tokens. However, you requested "
+            f"{exc.prompt_tokens + exc.new_tokens} tokens ({exc.prompt_tokens} in the messages, "
+            f"{exc.new_tokens} in the completion). Please reduce the length of the messages or completion."
+        )
+        code_name = "context_length_exceeded"
     return openai.ErrorResponse(
         error=openai.ErrorBody(
-            message=exc.message, type=_OPENAI_TYPES.get(exc.error_type, "server_error"), code=exc.status_code
+            message=message,
+            type=_OPENAI_TYPES.get(exc.error_type, "server_error"),
+            param=param,
+            code=code_name,
         )
     )
 
@@ -45,21 +76,12 @@ def error_body(exc: TwinserveError, wire: Wire) -> tgi.ErrorResponse | openai.Er
     return openai_error(exc) if wire == "openai" else tgi_error(exc)
 
 
-def error_response(exc: TwinserveError, wire: Wire, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = error_body(exc, wire)
+def error_response(exc: TwinserveError, wire: Wire, headers: dict[str, str] | None = None) -> Response:
+    status = status_for(exc, wire)
     out_headers = dict(headers or {})
-    if exc.status_code in (429, 503):
+    if status in (429, 503):
         out_headers.setdefault("retry-after", "1")
-    if exc.status_code == 401:
+    if status == 401:
         out_headers.setdefault("www-authenticate", "Bearer")
-    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=out_headers)
-
-
-def describe_validation_errors(errors: Any) -> str:
-    """One readable line per problem ("`parameters.top_p`: Input should be ..."), at most five."""
-    lines = []
-    for err in list(errors)[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        lines.append(f"`{loc}`: {msg}" if loc else msg)
-    return "; ".join(lines) or "invalid request"
+    body = error_body(exc, wire).model_dump_json().encode()
+    return Response(body, status_code=status, headers=out_headers, media_type="application/json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.types import Receive
@@ -37,7 +38,6 @@ class Generation:
         self.final: TokenEvent | None = None
         self.error: TwinserveError | None = None
         self.tokens = 0
-        self._disconnect_watch: asyncio.Task[None] | None = None
         self.disconnected = False
         self._abort_recorded = False
 
@@ -71,8 +71,6 @@ class Generation:
 
     def close(self) -> None:
         """Abort if still running (idempotent)."""
-        if self._disconnect_watch is not None:
-            self._disconnect_watch.cancel()
         if self.final is None and self.error is None:
             self._stream.close()
             self._record_abort()
@@ -92,34 +90,18 @@ class Generation:
             self._abort_recorded = True
             self._metrics.request_failed("cancelled")
 
-    # ------------------------------------------------------------ unary use
-    def watch_disconnect(self, receive: Receive) -> None:
-        """Abort the generation as soon as the client disconnects (for non-streaming routes)."""
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.disconnected = True
-                    self._stream.close()
-                    return
-
-        self._disconnect_watch = asyncio.ensure_future(watch())
+    def abort_for_disconnect(self) -> None:
+        """The client left: stop the generation (a consumer waiting on it sees the end)."""
+        self.disconnected = True
+        self._stream.close()
 
     async def result(self, receive: Receive | None = None) -> TokenEvent:
         """Run to the end and return the final event; ClientDisconnected if the client left."""
-        if receive is not None:
-            self.watch_disconnect(receive)
-        try:
-            async for _ in self:
-                pass
-        finally:
-            if self._disconnect_watch is not None:
-                self._disconnect_watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._disconnect_watch
-        if self.final is None:
-            raise ClientDisconnected()
+        return (await results([self], receive))[0]
+
+    async def _drain(self) -> TokenEvent | None:
+        async for _ in self:
+            pass
         return self.final
 
     # --------------------------------------------------------------- report
@@ -136,7 +118,7 @@ class Generation:
         generated = details.generated_tokens if details else self.tokens
         headers.update(
             {
-                "x-validation-time": "0",
+                "x-validation-time": str(int((self.request.validation_time or 0.0) * 1000)),
                 "x-queue-time": str(int(queue * 1000)),
                 "x-inference-time": str(int(inference * 1000)),
                 "x-time-per-token": str(int(inference * 1000 / max(generated, 1))),
@@ -163,3 +145,72 @@ class Generation:
         if self.disconnected:
             out["disconnected"] = True
         return out
+
+
+# ------------------------------------------------------------ several choices
+async def results(generations: list[Generation], receive: Receive | None = None) -> list[TokenEvent]:
+    """Run every generation to its end; the first error is raised. With `receive`, a client
+    that disconnects aborts them all (one watcher: ASGI's receive takes one caller at a time),
+    and ClientDisconnected is raised."""
+    watch: asyncio.Future[None] | None = None
+    if receive is not None:
+        watch = asyncio.ensure_future(_watch_disconnect(receive, generations))
+    try:
+        if len(generations) == 1:
+            finals = [await generations[0]._drain()]
+        else:
+            finals = list(await asyncio.gather(*(g._drain() for g in generations)))
+    finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+    if any(final is None for final in finals):
+        raise ClientDisconnected()
+    return [final for final in finals if final is not None]
+
+
+async def _watch_disconnect(receive: Receive, generations: list[Generation]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            for generation in generations:
+                generation.abort_for_disconnect()
+            return
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of several generations as they come, each with its generation's index.
+
+    The first error is raised (the caller closes the others); closing the iterator stops
+    the pumps.
+    """
+    if len(generations) == 1:
+        async for event in generations[0]:
+            yield 0, event
+        return
+    inbox: asyncio.Queue[tuple[int, TokenEvent | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                inbox.put_nowait((index, event, None))
+        except Exception as exc:
+            inbox.put_nowait((index, None, exc))
+            return
+        inbox.put_nowait((index, None, None))
+
+    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item, error = await inbox.get()
+            if error is not None:
+                raise error
+            if item is None:
+                running -= 1
+                continue
+            yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()

@@ -1,5 +1,6 @@
-"""Request context (an `x-request-id` in and out, one access-log line per request) and the
-payload limit. Pure ASGI (no BaseHTTPMiddleware) so streamed responses pass through untouched.
+"""Request context (an `x-request-id` in and out, one access-log line per request), the
+catch-all for bugs, and the payload limit. Pure ASGI (no BaseHTTPMiddleware) so streamed
+responses pass through untouched.
 """
 
 from __future__ import annotations
@@ -8,14 +9,16 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from twinserve.errors import PayloadTooLargeError
-from twinserve.server.errors import Wire, error_response
+from twinserve.errors import PayloadTooLargeError, TwinserveError
+from twinserve.server.errors import InternalError, Wire, error_response
 
 log = logging.getLogger("twinserve.access")
+errors_log = logging.getLogger("twinserve.server")
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # probes that would drown the log at INFO
@@ -82,6 +85,51 @@ def _access_log(scope: Scope, state: dict[str, Any], request_id: str, status: in
     log.log(level, "request", extra=fields)
 
 
+def wire_of(scope: Scope) -> Wire:
+    """The protocol a request's errors are answered in: the route's (set while it ran), else by path."""
+    wire = scope.get("state", {}).get("wire")
+    if wire in ("tgi", "openai"):
+        return wire
+    return "openai" if scope.get("path", "").startswith("/v1/") else "tgi"
+
+
+class CatchAllMiddleware:
+    """Any exception no handler answered becomes a 500 in the route's protocol, with the request
+    id and no internals (the traceback goes to the log), and never reaches the server.
+
+    `on_error(scope, error)` lets the app count it in its failure metrics.
+    """
+
+    def __init__(self, app: ASGIApp, on_error: Callable[[Scope, TwinserveError], None] | None = None) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = scope.get("state", {}).get("request_id")
+            errors_log.exception(
+                "unhandled error", extra={"request_id": request_id, "path": scope.get("path")}
+            )
+            error = InternalError(request_id)
+            if self.on_error is not None:
+                self.on_error(scope, error)
+            if not started:  # else the response is cut short: all a server can do mid-body
+                await error_response(error, wire_of(scope))(scope, receive, send)
+
+
 class PayloadLimitMiddleware:
     """413 for bodies over `limit` bytes: at once from Content-Length, else while reading."""
 
@@ -96,8 +144,7 @@ class PayloadLimitMiddleware:
         error = PayloadTooLargeError(f"request body is larger than the payload limit ({self.limit} bytes)")
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                wire: Wire = "openai" if scope.get("path", "").startswith("/v1/") else "tgi"
-                await error_response(error, wire)(scope, receive, send)
+                await error_response(error, wire_of(scope))(scope, receive, send)
                 return
         received = 0
 

@@ -82,7 +82,9 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [*_SERVE, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        # no grace period after SIGTERM: nothing balances load onto a child server but its
+        # parent (the endpoint router drains a replica before stopping it); `args` may say otherwise
+        cmd = [*_SERVE, "--host", "127.0.0.1", "--port", str(self.port), "--drain-grace", "0", *args]
         full_env = {**os.environ, **(env or {})}
         out: IO[bytes] | int = log_path.open("wb") if log_path else subprocess.DEVNULL
         # its own session: a signal to this process group never reaches the caller

@@ -4,6 +4,10 @@ States: LOADING (the port is open, `/health` says 503) → READY → DRAINING (S
 health turns 503 so balancers stop sending, in-flight work finishes) or FAILED (the
 model could not load, or the engine died). Loading runs in a thread so the server
 answers health checks from its first second, as SageMaker and Kubernetes expect.
+A FAILED service calls `on_fatal`, and `serve` exits non-zero on it, so a supervisor
+(SageMaker, Kubernetes, Ray, our endpoint controller) replaces the process instead of
+a replica answering 503 forever. Health and error messages are stable sentences; the
+exception behind them goes to the log only.
 """
 
 from __future__ import annotations
@@ -13,20 +17,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twinserve import __version__
 from twinserve.config import ServeConfig
-from twinserve.engine.async_engine import AsyncEngine
+from twinserve.engine.async_engine import ENGINE_DEAD, AsyncEngine
 from twinserve.engine.chat import render_chat
 from twinserve.engine.request import MAX_STOP_SEQUENCES, GenerateRequest
-from twinserve.errors import EngineDeadError, NotReadyError, TwinserveError, ValidationError
+from twinserve.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    NotReadyError,
+    TwinserveError,
+    ValidationError,
+)
 from twinserve.registry.resolve import ResolvedModel, resolve_model
 from twinserve.server.generation import Generation
 from twinserve.server.metrics import EngineGauges, ServerMetrics
 from twinserve.server.protocol import tgi
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ServiceState(enum.Enum):
@@ -58,9 +70,10 @@ class ModelService:
         self.metrics = ServerMetrics(self._gauges)
         self.started_at = time.time()
         self._loader: threading.Thread | None = None
-        # called (from the loader thread) when the model cannot load; `serve` exits non-zero
-        self.on_load_failure: Callable[[], None] | None = None
+        # called (from a loader or engine thread) when the service FAILED; `serve` exits non-zero
+        self.on_fatal: Callable[[], None] | None = None
         if engine is not None:
+            self._watch(engine)
             engine.start()
 
     # ----------------------------------------------------------- lifecycle
@@ -89,6 +102,7 @@ class ModelService:
             engine_config = self._with_card(cfg, resolved).engine_config(str(resolved.path))
             started = time.monotonic()
             engine = AsyncEngine.launch(engine_config, warmup=cfg.warmup)
+            self._watch(engine)
             self.resolved, self.engine = resolved, engine
             if self.state is ServiceState.LOADING:
                 self.state = ServiceState.READY
@@ -105,15 +119,25 @@ class ModelService:
             )
         except Exception as exc:
             message = exc.message if isinstance(exc, TwinserveError) else f"{type(exc).__name__}: {exc}"
-            self.failure = f"model failed to load: {message}"
-            self.state = ServiceState.FAILED
             log.error(
                 "model failed to load",
                 extra={"reason": message},
                 exc_info=not isinstance(exc, TwinserveError),
             )
-            if self.on_load_failure is not None:
-                self.on_load_failure()
+            self._fail("the model failed to load (the server log says why)")
+
+    def _watch(self, engine: AsyncEngine) -> None:
+        def dead(reason: str) -> None:
+            log.critical("engine died; the server exits", extra={"reason": reason})
+            self._fail(ENGINE_DEAD)
+
+        engine.on_dead = dead
+
+    def _fail(self, failure: str) -> None:
+        self.failure = failure
+        self.state = ServiceState.FAILED
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _with_card(self, cfg: ServeConfig, resolved: ResolvedModel) -> ServeConfig:
         """Apply the model card: its generation defaults, and its serving limits and quantization
@@ -147,6 +171,10 @@ class ModelService:
         if self.state is not ServiceState.FAILED:
             self.state = ServiceState.DRAINING
 
+    def requests_in_flight(self) -> int:
+        """Requests the engine holds (validating, waiting or running): a drain waits for these."""
+        return self.engine.engine.num_admitted if self.engine is not None else 0
+
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -158,7 +186,7 @@ class ModelService:
             assert self.engine is not None
             if self.engine.is_healthy:
                 return True, "ready", None
-            return False, "failed", f"engine is dead: {self.engine.dead_reason or 'engine thread stopped'}"
+            return False, "failed", ENGINE_DEAD
         return False, self.state.value, self.failure
 
     def ready_engine(self) -> AsyncEngine:
@@ -177,18 +205,49 @@ class ModelService:
     def tokenizer(self) -> Any:
         return self.ready_engine().engine.tokenizer
 
-    def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, request: GenerateRequest) -> Generation:
         """Admit a request (422/429/503 raised here) and return its running generation."""
         self.metrics.request_received()
         try:
-            stream = self.ready_engine().submit(request)
+            stream = await self.ready_engine().submit(request)
         except TwinserveError as exc:
             self.metrics.request_failed(exc.error_type)
             raise
         return Generation(stream, request, self.metrics)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return render_chat(self.tokenizer, messages, self._chat_template)
+    async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The rendered chat, on a validation thread (a template over a long chat is slow)."""
+        engine = self.ready_engine()
+        tokenizer, template = engine.engine.tokenizer, self._chat_template
+        return await engine.off_loop(lambda: render_chat(tokenizer, messages, template))
+
+    def tokenize(self, text: str, *, truncate: int | None, limit: int) -> list[tgi.SimpleToken]:
+        """`/tokenize`: the tokens generation would see (blocking: call it off the loop)."""
+        if truncate is not None and truncate > limit:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}",
+                param="parameters.truncate",
+            )
+        try:
+            encoding = self.tokenizer(text, return_offsets_mapping=True)
+        except (TypeError, ValueError, UnicodeError) as exc:
+            raise ValidationError("`inputs` is not valid text for the tokenizer", param="inputs") from exc
+        pairs = list(zip(encoding["input_ids"], encoding["offset_mapping"], strict=True))
+        if truncate is not None:
+            pairs = pairs[-truncate:]
+        if len(pairs) > limit:
+            raise ContextLengthError(
+                f"`inputs` must have less than {limit} tokens. Given: {len(pairs)}",
+                limit=limit,
+                prompt_tokens=len(pairs),
+                new_tokens=0,
+                param="inputs",
+            )
+        return [tgi.SimpleToken(id=tid, text=text[a:b], start=a, stop=b) for tid, (a, b) in pairs]
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """Run request work off the event loop, on the engine's validation threads."""
+        return await self.ready_engine().off_loop(fn)
 
     @property
     def generation_defaults(self) -> dict[str, Any]:
@@ -232,9 +291,10 @@ class ModelService:
             max_batch_prefill_tokens=cfg.max_batch_prefill_tokens,
             max_batch_total_tokens=cfg.max_batch_total_tokens,
             max_batch_size=cfg.max_batch_size,
+            max_client_batch_size=self.config.max_client_batch_size,
+            validation_workers=cfg.validation_workers,
             quantize=cfg.quantize,
             version=__version__,
-            model_path=str(self.resolved.path),
             model_revision=self.resolved.revision,
             registry_name=self.resolved.registry_name,
             registry_version=self.resolved.registry_version,

@@ -117,19 +117,21 @@ def test_seeded_sampling_is_reproducible_on_both_apis(server: ThreadServer) -> N
     assert len(texts) == 1
 
 
-def test_stop_sequence_reported(server: ThreadServer) -> None:
-    with LLMClient(server.url, api="tgi", max_new_tokens=K, ignore_eos=True) as c:
+@pytest.mark.parametrize("api", ["tgi", "openai"])
+def test_stop_sequence_reported(server: ThreadServer, api: str) -> None:
+    with LLMClient(server.url, api=api, max_new_tokens=K, ignore_eos=True) as c:
         text = c.generate(PROMPT).text
         stop = text[1:3]
         if len(stop) < 2 or text.index(stop) != 1:
             pytest.skip("random model produced no usable stop sequence")
         result = c.generate(PROMPT, stop=stop)
         chunks = list(c.generate_stream(PROMPT, stop=[stop]))
-    # twinserve cuts the stop string (OpenAI/vLLM semantics, docs/engine.md)
-    assert result.finish_reason is FinishReason.STOP_SEQUENCE
-    assert result.text == text[:1]
+    # each protocol's semantics: TGI keeps the stop string in the text, OpenAI/vLLM cut it
+    reason = FinishReason.STOP_SEQUENCE if api == "tgi" else FinishReason.STOP
+    assert result.finish_reason is reason
+    assert result.text == (text[:3] if api == "tgi" else text[:1])
     assert "".join(ch.text for ch in chunks) == result.text
-    assert chunks[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert chunks[-1].finish_reason is reason
 
 
 def test_repr_and_context_managers(server: ThreadServer) -> None:

@@ -334,3 +334,30 @@ def test_router_stats_count_load_per_traffic_group(replicas: list[ThreadServer])
     assert stats["groups"]["v@1"] == {"replicas": 1, "in_flight": 0, "routed_total": 3}
     assert stats["groups"]["v@2"] == {"replicas": 1, "in_flight": 0, "routed_total": 0}
     assert stats["weights"] == {"v@1": 1, "v@2": 0}
+
+
+def test_the_payload_limit_is_enforced_before_the_body_reaches_a_replica(
+    replicas: list[ThreadServer],
+) -> None:
+    pool = ReplicaPool(_specs(replicas))
+    requests_before = [s.service.metrics._counters.request_count for s in replicas]
+    big = {"inputs": "x" * 5000}
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: refused while reading
+        yield b'{"inputs": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}'
+
+    with running_router(pool, payload_limit=1000) as (url, _):
+        r = httpx.post(f"{url}/generate", json=big, timeout=30)
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x" * 5000}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        headers = {"content-type": "application/json"}
+        r = httpx.post(f"{url}/generate", content=chunked(), headers=headers, timeout=30)
+        assert r.status_code == 413
+        small = httpx.post(f"{url}/generate", json=SHORT, timeout=30)
+        assert small.status_code == 200
+    requests_after = [s.service.metrics._counters.request_count for s in replicas]
+    assert sum(requests_after) - sum(requests_before) == 1  # only the small one got through

@@ -73,6 +73,11 @@ def test_api_key_never_in_repr_or_default_dump() -> None:
     assert EndpointConfig.from_yaml(config.to_yaml(reveal_secrets=True)) == config
 
 
+def test_a_blank_api_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="set but empty"):
+        EndpointConfig.single("twin", "/models/x", api_key="  ")
+
+
 def test_missing_env_for_api_key_is_reported() -> None:
     with pytest.raises(ValueError, match=r"NO_SUCH_TWIN_VAR"):
         EndpointConfig.from_dict(

@@ -57,15 +57,17 @@ def test_cancelling_the_consumer_aborts_the_request(async_engine: AsyncEngine) -
 
 def test_overload_and_validation_are_raised_at_once(async_engine: AsyncEngine) -> None:
     async def main() -> None:
-        streams = [async_engine.generate(req(200)) for _ in range(4)]
-        firsts = [await s.__anext__() for s in streams]
-        assert all(f.token is not None for f in firsts)
-        with pytest.raises(OverloadedError):
-            await asyncio.wait_for(_collect(async_engine, req(2)), timeout=5)
         with pytest.raises(ValidationError):
             await _collect(
                 async_engine, GenerateRequest(prompt="x", params=SamplingParams(max_new_tokens=999))
             )
+        assert async_engine.engine.num_admitted == 0  # a refused request gives its place back
+        streams = [async_engine.generate(req(200)) for _ in range(4)]
+        firsts = [await s.__anext__() for s in streams]
+        assert all(f.token is not None for f in firsts)
+        # a full engine refuses before any validation work, as TGI's concurrency permit does
+        with pytest.raises(OverloadedError):
+            await asyncio.wait_for(_collect(async_engine, req(2)), timeout=5)
         for s in streams:
             await s.aclose()
 

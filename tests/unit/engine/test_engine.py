@@ -206,3 +206,25 @@ def test_cache_grows_and_compacts_under_churn_without_changing_results(engine: E
     )
     for i in range(20):
         assert token_ids(churn[f"c{i}"]) == solo[i]
+
+
+def test_prompt_logprobs_in_chunks_equal_a_whole_log_softmax() -> None:
+    from twinserve.engine.runner import target_logprobs
+
+    logits = torch.randn(700, 97, dtype=torch.bfloat16) * 4  # more rows than one chunk
+    targets = torch.randint(0, 97, (700,))
+    want = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    assert target_logprobs(logits, targets) == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_prompt_logprobs_are_bounded_by_prompt_times_vocab(engine: Engine, monkeypatch) -> None:
+    from twinserve.engine import engine as engine_module
+
+    vocab = len(engine.tokenizer)
+    monkeypatch.setattr(engine_module, "MAX_PROMPT_LOGPROB_VALUES", 10 * vocab)
+    params = SamplingParams(max_new_tokens=2, decoder_input_details=True)
+    engine.validate(GenerateRequest(prompt_token_ids=[5] * 10, params=params))
+    with pytest.raises(
+        ValidationError, match="`decoder_input_details` is limited to prompts of at most 10 tokens"
+    ):
+        engine.validate(GenerateRequest(prompt_token_ids=[5] * 11, params=params))

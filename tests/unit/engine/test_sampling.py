@@ -378,3 +378,53 @@ def test_fast_argmax_equals_argmax_including_ties(vocab: int) -> None:
     x[2, vocab - 1] = 50.0  # a tie across blocks
     x[3, 5] = float("inf")
     assert torch.equal(fast_argmax(x), x.argmax(dim=-1))
+
+
+def test_presence_penalty_subtracts_once_per_generated_token() -> None:
+    logits = torch.zeros(1, V)
+    state = _state(presence_penalty=1.5)
+    for token in (3, 3, 3, 7):
+        state.append(token)
+    res = _run([state], logits, top_n=[V])
+    scores = dict(res.top_tokens[0])
+    # a token generated three times is penalised like one generated once (unlike frequency)
+    assert scores[3] == pytest.approx(scores[7]) and scores[0] - scores[3] == pytest.approx(1.5, abs=1e-5)
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_top_probability() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04] + [1e-9] * (V - 5)]))
+    kept = {t for t, lp in _run([_state(min_p=0.15, do_sample=True)], logits, top_n=[V]).top_tokens[0]}
+    assert kept == {0, 1, 2}  # p >= 0.15 * 0.5 = 0.075
+    draws = {_run([_state(seed=s, min_p=0.15, do_sample=True)], logits).token_ids[0] for s in range(60)}
+    assert draws <= {0, 1, 2} and len(draws) > 1
+
+
+def test_stop_tokens_are_banned_until_min_tokens_are_out() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 5] = 10.0  # the stop token would win every time
+    state = SamplingState(SamplingParams(min_tokens=2), [], None, stop_ids=frozenset({5}))
+    firsts = []
+    for _ in range(3):
+        token = _run([state], logits).token_ids[0]
+        firsts.append(token)
+        state.append(token)
+    assert firsts[0] != 5 and firsts[1] != 5 and firsts[2] == 5
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e-300, "do_sample": True},  # underflows to 0 in fp32 if not clamped
+        {"temperature": 1e-30, "do_sample": True},
+        {"repetition_penalty": 1e-300},  # a logit divided by ~0 is +inf
+        {"repetition_penalty": 1e-40, "temperature": 0.5, "top_p": 0.9},
+    ],
+)
+def test_extreme_but_valid_parameters_keep_logprobs_finite(params: dict[str, Any]) -> None:
+    logits = _logits(2)
+    states = [_state(prompt=list(range(V)), **params) for _ in range(2)]
+    res = _run(states, logits, top_n=[3, 3])
+    assert all(math.isfinite(lp) for lp in res.logprobs)
+    assert all(math.isfinite(lp) for top in res.top_tokens for _, lp in top)
+    if params.get("temperature", 1) < 1e-20:  # near-greedy: the argmax
+        assert res.token_ids == logits.argmax(-1).tolist()

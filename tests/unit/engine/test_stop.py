@@ -132,3 +132,10 @@ def test_random_streams_match_reference(seed: int) -> None:
         for piece in out:
             emitted += piece
             assert want.startswith(emitted)
+
+
+def test_include_stop_keeps_the_stop_string_and_drops_what_follows() -> None:
+    m = StopSequenceMatcher(["\nUser:"], include_stop=True)
+    assert m.feed("Hi there\nUs") == ("Hi there", False)
+    assert m.feed("er: and more") == ("\nUser:", True)
+    assert m.feed("later") == ("", True)

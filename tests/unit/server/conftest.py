@@ -47,6 +47,22 @@ def app_and_service(make_app: AppFactory) -> tuple[FastAPI, ModelService]:
     return make_app()
 
 
+@pytest.fixture(scope="module")
+def shared_app(tiny_model_dir: Path) -> Iterator[FastAPI]:
+    """One app for a whole module of tests that only send requests (building one costs ~0.3 s)."""
+    config = serve_config(tiny_model_dir)
+    engine = AsyncEngine.launch(config.engine_config(str(tiny_model_dir)), warmup=False)
+    service = ModelService(config, engine, ResolvedModel(tiny_model_dir, str(tiny_model_dir)))
+    yield create_app(config, service)
+    service.shutdown()
+
+
+@pytest.fixture()
+async def shared_client(shared_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(shared_app) as http:
+        yield http
+
+
 @pytest.fixture()
 async def client(app_and_service: tuple[FastAPI, ModelService]) -> AsyncIterator[httpx.AsyncClient]:
     app, _ = app_and_service
@@ -69,3 +85,26 @@ def sse_payloads(body: str) -> list[Any]:
                 data = line[5:].strip()
                 out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+# POST routes that take a JSON body, with a small valid body each, and their error protocol
+ROUTE_BODIES: dict[str, tuple[dict[str, Any], str]] = {
+    "/generate": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
+    "/generate_stream": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
+    "/": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
+    "/tokenize": ({"inputs": "hello"}, "tgi"),
+    "/invocations": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
+    "/v1/chat/completions": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, "openai"),
+    "/v1/completions": ({"prompt": "hello", "max_tokens": 2}, "openai"),
+}
+
+
+def assert_protocol_error(response: httpx.Response, wire: str) -> dict[str, Any]:
+    """A 4xx whose body is exactly the protocol's error shape (TGI's or OpenAI's)."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    body = response.json()
+    if wire == "tgi":
+        assert set(body) == {"error", "error_type"} and isinstance(body["error"], str), body
+        return dict(body)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return dict(body["error"])

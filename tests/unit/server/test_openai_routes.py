@@ -91,23 +91,30 @@ async def test_completion_stream_ends_with_done(client: httpx.AsyncClient) -> No
 
 
 @pytest.mark.parametrize(
-    ("body", "fragment"),
+    ("body", "param"),
     [
-        ({"messages": MESSAGES, "n": 2}, "`n`"),
+        ({"messages": MESSAGES, "n": 0}, "n"),
         ({"messages": MESSAGES, "temperature": 3}, "temperature"),
         ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": MESSAGES, "top_logprobs": 9, "logprobs": True}, "top_logprobs"),
+        ({"messages": MESSAGES, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"messages": MESSAGES, "use_beam_search": True}, "use_beam_search"),
+        ({"messages": MESSAGES, "guided_json": {"type": "object"}}, "guided_json"),
+        ({"messages": MESSAGES, "logit_bias": {"42": 5}}, "logit_bias"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content",
+        ),
     ],
 )
-async def test_bad_chat_requests_get_an_openai_error(
-    client: httpx.AsyncClient, body: dict, fragment: str
+async def test_bad_chat_requests_get_a_400_naming_the_field(
+    client: httpx.AsyncClient, body: dict, param: str
 ) -> None:
     r = await client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text  # OpenAI's and vLLM's status; the openai SDK's BadRequestError
     error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and fragment in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param.split(".")[0] in error["message"]
 
 
 async def test_models_lists_the_served_model(client: httpx.AsyncClient, app_and_service) -> None:

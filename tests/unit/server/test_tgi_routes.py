@@ -81,7 +81,7 @@ async def test_seeded_sampling_repeats(client: httpx.AsyncClient) -> None:
     assert a["generated_text"] == b["generated_text"] and a["details"]["seed"] == 7
 
 
-async def test_stop_sequence_is_not_returned(client: httpx.AsyncClient) -> None:
+async def test_the_stop_sequence_ends_generated_text_as_in_tgi(client: httpx.AsyncClient) -> None:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "ignore_eos": True}}
     full = (await client.post("/generate", json=body)).json()["generated_text"]
     assert len(full) >= 6
@@ -89,20 +89,22 @@ async def test_stop_sequence_is_not_returned(client: httpx.AsyncClient) -> None:
     body["parameters"]["stop"] = [stop]
     body["parameters"]["details"] = True
     r = (await client.post("/generate", json=body)).json()
-    assert r["generated_text"] == full[: full.index(stop)]
+    assert r["generated_text"] == full[: full.index(stop) + len(stop)]
     assert r["details"]["finish_reason"] == "stop_sequence"
 
 
 @pytest.mark.parametrize(
     ("parameters", "fragment"),
     [
-        ({"top_p": 1.5}, "`top_p` must be > 0.0 and < 1.0"),
-        ({"temperature": 0}, "`temperature` must be strictly positive"),
-        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"top_p": 1.5}, "`parameters.top_p` must be < 1"),
+        ({"temperature": 0}, "`parameters.temperature` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`parameters.max_new_tokens` must be strictly positive"),
         ({"max_new_tokens": 10_000}, "must be <= 256"),
-        ({"best_of": 2}, "`best_of`"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4 stop sequences"),
-        ({"no_such_param": 1}, "no_such_param"),
+        ({"best_of": 2}, "`parameters.best_of` must be <= 1"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`parameters.stop` supports up to 4"),
+        ({"stop": ["x" * 257]}, "at most 256 characters"),
+        ({"top_n_tokens": 6}, "`parameters.top_n_tokens` must be <= 5"),
+        ({"truncate": 129}, "`truncate` must be strictly positive and less than 128"),
         ({"max_new_tokens": "many"}, "max_new_tokens"),
     ],
 )

@@ -1,21 +1,78 @@
 """OpenAI's wire format (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
 
-Requests tolerate fields we don't know (SDKs add new ones every release) but refuse
-features we don't implement when they are actually used (n > 1, tools, logit_bias),
-so nobody gets a silently different answer.
+Requests accept an explicit `null` for every optional field (the SDKs send them) and
+tolerate fields we don't know (SDKs add new ones every release), but a field that would
+change the answer is either implemented (`n`, a list of prompts, `presence_penalty`, and
+vLLM's `min_p`, `min_tokens`, `stop_token_ids`, `include_stop_str_in_output`,
+`skip_special_tokens`, `ignore_eos`, `truncate_prompt_tokens`, `top_k: -1`) or refused
+with a 400 that names it (tools, logit_bias, beam search, guided decoding, ...), so nobody
+gets a silently different answer.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinserve.engine.request import MAX_TOP_N_TOKENS, FinishReason, SamplingParams, Token, TokenEvent
+from twinserve.engine.request import (
+    MAX_SEED,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS_FIELD,
+    MAX_TOP_N_TOKENS,
+    FinishReason,
+    Penalty,
+    SamplingParams,
+    StopSequence,
+    StrictlyPositive,
+    Token,
+    TokenCount,
+    TokenEvent,
+    TokenId,
+)
 from twinserve.errors import ValidationError
 from twinserve.server.protocol.tgi import sampling_params
+
+# the most log-probability alternatives the legacy completions API gives (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5
+# fields we know, that would change the answer, and that we don't implement: allowed only at
+# the value that means "off"
+_REFUSED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "early_stopping": (False,),
+    "prompt_logprobs": (),
+    "allowed_token_ids": ([],),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "spaces_between_special_tokens": (True,),
+    "return_tokens_as_token_ids": (False,),
+    "priority": (0,),
+    "functions": ([],),
+    "function_call": ("none",),
+    "prediction": (),
+    "audio": (),
+    "modalities": (["text"],),
+    "web_search_options": (),
+    "reasoning_effort": (),
+}
+_REFUSED_IN_CHAT: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "add_special_tokens": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": ([],),
+}
 
 
 class TextPart(BaseModel):
@@ -42,38 +99,54 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class _SamplingFields(BaseModel):
     """Fields shared by chat and completions requests."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = _REFUSED
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOKENS_FIELD,
+        description="Choices per prompt (≤ the server's max_client_batch_size in all).",
+    )
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=MAX_SEED)
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
     user: str | None = None
-    # extensions vLLM and TGI accept
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    # extensions vLLM accepts
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS_FIELD, description="-1 or 0 = off (vLLM).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="0 = off (vLLM).")
+    repetition_penalty: StrictlyPositive | None = None
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_FIELD)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    ignore_eos: bool | None = None
+    truncate_prompt_tokens: TokenCount | None = None
 
     def _check_supported(self) -> None:
-        if self.n != 1:
-            raise ValidationError("`n` > 1 is not supported; send several requests")
         if self.logit_bias:
-            raise ValidationError("`logit_bias` is not supported")
-        if self.presence_penalty:
-            raise ValidationError("`presence_penalty` is not supported; use `frequency_penalty`")
+            raise ValidationError("`logit_bias` is not supported", param="logit_bias")
+        for name, value in (self.model_extra or {}).items():
+            accepted = self._refused.get(name)
+            if accepted is not None and value is not None and value not in accepted:
+                raise ValidationError(f"`{name}` is not supported by this server", param=name)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     def _sampling(
         self, max_tokens: int | None, top_n: int | None, details: bool, defaults: dict[str, Any] | None
@@ -82,90 +155,135 @@ class _SamplingFields(BaseModel):
         values: dict[str, Any] = dict(defaults or {})
         if self.temperature is not None:
             if self.temperature == 0.0:  # OpenAI's greedy
-                values.pop("temperature", None)
+                for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+                    values.pop(name, None)
                 values["do_sample"] = False
-                values.pop("top_p", None)
-                values.pop("top_k", None)
             else:
                 values["temperature"] = self.temperature
                 values["do_sample"] = True
-        if self.top_p is not None:
-            if self.top_p < 1.0:
-                values["top_p"] = self.top_p
-            else:
-                values.pop("top_p", None)
+        _set_or_clear(values, "top_p", self.top_p, off=1.0)
+        _set_or_clear(values, "top_k", self.top_k, off=(-1, 0))
+        _set_or_clear(values, "min_p", self.min_p, off=0.0)
         if self.stop is not None:
             values["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        for name in ("seed", "frequency_penalty", "top_k", "repetition_penalty"):
+        if self.seed is not None:
+            values["seed"] = self.seed % MAX_SEED  # OpenAI's seeds may be negative
+        for name in (
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+            "min_tokens",
+            "stop_token_ids",
+            "skip_special_tokens",
+            "ignore_eos",
+        ):
             value = getattr(self, name)
             if value is not None:
                 values[name] = value
+        if self.truncate_prompt_tokens is not None:
+            values["truncate"] = self.truncate_prompt_tokens
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens
         if top_n:
             values["top_n_tokens"] = top_n
         values["details"] = details or bool(values.get("details"))
-        values["ignore_eos"] = self.ignore_eos
+        values["include_stop_str_in_output"] = bool(self.include_stop_str_in_output)
         values["return_full_text"] = False
         return sampling_params(values)
 
     @property
+    def is_stream(self) -> bool:
+        return bool(self.stream)
+
+    @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+
+def _set_or_clear(values: dict[str, Any], name: str, value: Any, *, off: Any) -> None:
+    """Set a warper, or clear the default's when the request turns it off explicitly."""
+    if value is None:
+        return
+    if value == off or (isinstance(off, tuple) and value in off):
+        values.pop(name, None)
+    else:
+        values[name] = value
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: a seeded request gives choice j seed + j, so choices
+    differ and the whole answer stays reproducible."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [params.model_copy(update={"seed": (params.seed + j) % MAX_SEED}) for j in range(n)]
 
 
 class ChatCompletionRequest(_SamplingFields):
+    _refused: ClassVar[dict[str, tuple[Any, ...]]] = {**_REFUSED, **_REFUSED_IN_CHAT}
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    tools: list[Any] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: Any | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
 
     def to_sampling(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.tools:
-            raise ValidationError("`tools` are not supported by this server")
+            raise ValidationError("`tools` are not supported by this server", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValidationError("`response_format` other than text is not supported")
-        top_n = self.top_logprobs if self.logprobs else None
-        if top_n is not None and top_n > MAX_TOP_N_TOKENS:
-            raise ValidationError(f"`top_logprobs` must be <= {MAX_TOP_N_TOKENS}")
+            raise ValidationError(
+                "`response_format` other than text is not supported", param="response_format"
+            )
+        top_n = (self.top_logprobs or None) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self._sampling(max_tokens, top_n, self.logprobs, defaults)
+        return self._sampling(max_tokens, top_n, bool(self.logprobs), defaults)
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+PromptIds = list[TokenId]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: str | list[str] | PromptIds | list[PromptIds] = Field(
+        description="Text, token ids, or a list of either (one choice set per prompt)."
+    )
+    max_tokens: TokenCount | None = Field(None, description="Default 16, as OpenAI's.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    suffix: str | None = Field(None, description="Not supported; must be empty.")
 
     def to_sampling(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
-        if self.best_of not in (None, 1):
-            raise ValidationError("`best_of` != 1 is not supported")
         if self.suffix:
-            raise ValidationError("`suffix` is not supported")
-        top_n = self.logprobs or None
-        return self._sampling(self.max_tokens, top_n, self.logprobs is not None, defaults)
+            raise ValidationError("`suffix` is not supported", param="suffix")
+        max_tokens = self.max_tokens if self.max_tokens is not None else 16
+        return self._sampling(max_tokens, self.logprobs or None, self.logprobs is not None, defaults)
 
-    def prompt_text_or_ids(self) -> tuple[str | None, list[int] | None]:
+    def prompts(self) -> list[tuple[str | None, list[int] | None]]:
+        """Each prompt as (text, None) or (None, token ids)."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt, None
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return None, [int(p) for p in prompt]
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            return prompt[0], None
-        raise ValidationError(
-            "`prompt` must be one string or one list of token ids (batches are not supported)"
-        )
+            return [(prompt, None)]
+        if not prompt:
+            raise ValidationError("`prompt` must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [(None, [int(p) for p in prompt])]  # type: ignore[arg-type]
+        out: list[tuple[str | None, list[int] | None]] = []
+        for item in prompt:
+            if isinstance(item, str):
+                out.append((item, None))
+            elif isinstance(item, list) and item:
+                out.append((None, list(item)))
+            else:
+                raise ValidationError(
+                    "`prompt` lists hold texts or non-empty lists of token ids", param="prompt"
+                )
+        return out
 
 
 # ----------------------------------------------------------------- responses

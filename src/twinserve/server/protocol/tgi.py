@@ -6,78 +6,107 @@ clients (`text_generation`, `huggingface_hub.InferenceClient`) work unmodified.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import ValidationError as PydanticValidationError
 
-from twinserve.engine.request import FinishReason, GenerationDetails, SamplingParams, Token, TokenEvent
-from twinserve.errors import ValidationError
+from twinserve.engine.request import (
+    MAX_STOP_SEQUENCES,
+    FinishReason,
+    GenerationDetails,
+    OpenProbability,
+    Penalty,
+    SamplingParams,
+    Seed,
+    StopSequence,
+    StrictlyPositive,
+    Token,
+    TokenCount,
+    TokenEvent,
+)
+from twinserve.server.protocol.validation import validation_error
+
+log = logging.getLogger(__name__)
+
+# TGI's default `--max-top-n-tokens`
+TGI_MAX_TOP_N_TOKENS = 5
 
 
-class Parameters(BaseModel):
-    """TGI's `parameters` object; unknown fields are rejected so typos don't pass silently."""
+class _IgnoresUnknown(BaseModel):
+    """Unknown fields are ignored, as TGI (serde) ignores them: the HF Inference API's
+    `options`, newer TGI fields. Logged at debug so a typo can still be found."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    best_of: int | None = Field(None, description="Only 1 is supported (no best-of sampling).")
-    decoder_input_details: bool = False
-    details: bool = False
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict) and log.isEnabledFor(logging.DEBUG):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                log.debug("ignoring unknown fields", extra={"model": cls.__name__, "fields": unknown})
+        return data
+
+
+class Parameters(_IgnoresUnknown):
+    """TGI's `parameters` object. Every constraint is in the schema; limits that depend on the
+    server (`max_new_tokens` + prompt ≤ max_total_tokens, `truncate` ≤ max_input_tokens) are
+    checked against its configuration and answered with 422."""
+
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported (no best-of sampling).")
+    decoder_input_details: bool = Field(False, description="Return the prompt tokens with their logprobs.")
+    details: bool = Field(False, description="Return finish reason, tokens and logprobs.")
     do_sample: bool = False
-    frequency_penalty: float | None = None
-    grammar: Any | None = Field(None, description="Not supported; must be null.")
-    max_new_tokens: int | None = None
-    repetition_penalty: float | None = None
-    return_full_text: bool | None = None
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_n_tokens: int | None = None
-    top_p: float | None = None
-    truncate: int | None = None
-    typical_p: float | None = None
-    watermark: bool = Field(False, description="Not supported; must be false.")
-    adapter_id: str | None = Field(None, description="Not supported; must be null.")
+    frequency_penalty: Penalty | None = None
+    grammar: None = Field(None, description="Not supported; must be null.")
+    max_new_tokens: TokenCount | None = Field(
+        None, description="At most this many new tokens; prompt + new ≤ the server's max_total_tokens."
+    )
+    repetition_penalty: StrictlyPositive | None = None
+    return_full_text: bool | None = Field(
+        None, description="Prepend the prompt; unset = false on /generate, true on / and /invocations (TGI)."
+    )
+    seed: Seed | None = None
+    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    temperature: StrictlyPositive | None = None
+    top_k: TokenCount | None = None
+    top_n_tokens: int | None = Field(None, ge=0, le=TGI_MAX_TOP_N_TOKENS)
+    top_p: OpenProbability | None = None
+    truncate: TokenCount | None = Field(
+        None, description="Keep the last `truncate` prompt tokens (≤ max_input_tokens)."
+    )
+    typical_p: OpenProbability | None = None
+    watermark: Literal[False] = Field(False, description="Not supported; must be false.")
+    adapter_id: Literal[""] | None = Field(None, description="Not supported: this server has no adapters.")
     # vLLM-style extension used by load benchmarks
     ignore_eos: bool = False
 
-    def to_sampling(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
-        """The engine's params; `defaults` (e.g. a model card's) fill what the request leaves unset."""
-        if self.best_of not in (None, 1):
-            raise ValidationError("`best_of` != 1 is not supported")
-        if self.grammar is not None:
-            raise ValidationError("`grammar` is not supported")
-        if self.watermark:
-            raise ValidationError("`watermark` is not supported")
-        if self.adapter_id not in (None, ""):
-            raise ValidationError("`adapter_id` is not supported: this server has no adapters loaded")
+    def to_sampling(
+        self, defaults: dict[str, Any] | None = None, *, return_full_text: bool = False
+    ) -> SamplingParams:
+        """The engine's params; `defaults` (a model card's) fill what the request leaves unset,
+        and `return_full_text` is the route's default (TGI: true on `/` and `/invocations`)."""
         given = self.model_dump(exclude_unset=True, exclude={"best_of", "grammar", "watermark", "adapter_id"})
-        values = {**(defaults or {}), **given}
+        values = {"return_full_text": return_full_text, **(defaults or {}), **given}
         if values.get("return_full_text") is None:
-            values.pop("return_full_text", None)
-        return sampling_params(values)
+            values["return_full_text"] = return_full_text
+        # TGI keeps the stop sequence that ended generation in `generated_text`
+        values["include_stop_str_in_output"] = True
+        return sampling_params(values, prefix="parameters")
 
 
-def sampling_params(values: dict[str, Any]) -> SamplingParams:
-    """Build SamplingParams, turning pydantic's errors into one ValidationError (TGI wording)."""
-    from pydantic import ValidationError as PydanticValidationError
-
+def sampling_params(values: dict[str, Any], *, prefix: str = "") -> SamplingParams:
+    """SamplingParams from wire values, pydantic's errors as one ValidationError (TGI wording)."""
     try:
         return SamplingParams.model_validate(values)
     except PydanticValidationError as exc:
-        raise ValidationError(_first_message(exc)) from exc
+        raise validation_error(exc.errors(), prefix=prefix) from exc
 
 
-def _first_message(exc: Any) -> str:
-    err = exc.errors()[0]
-    msg = str(err.get("msg", "invalid parameters"))
-    return msg.removeprefix("Value error, ")
-
-
-class GenerateRequest(BaseModel):
+class GenerateRequest(_IgnoresUnknown):
     """Body of `POST /generate`, `/generate_stream` and `/` (where `stream` picks the route)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     inputs: str = Field(description="The prompt.")
     parameters: Parameters = Field(default_factory=Parameters)
@@ -157,8 +186,7 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
-    # provenance beyond TGI: the exact weights served
-    model_path: str
+    # provenance beyond TGI: the exact weights served (never a local path)
     model_revision: str | None = None
     registry_name: str | None = None
     registry_version: int | None = None
@@ -168,20 +196,24 @@ class Info(BaseModel):
     weights_sha256: str
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeRequest(_IgnoresUnknown):
+    """Body of `POST /tokenize`: the prompt as `/generate` would see it (same `truncate`, same limits)."""
 
     inputs: str
-    parameters: Parameters | None = None
+    parameters: Parameters = Field(default_factory=Parameters)
 
 
 class SimpleToken(BaseModel):
-    """One entry of `/tokenize`'s answer (TGI's shape: id, text, byte offsets)."""
+    """One entry of `/tokenize`'s answer (TGI's shape: id, text, character offsets)."""
 
     id: int
     text: str
     start: int
     stop: int
+
+
+class TokenizeResponse(RootModel[list[SimpleToken]]):
+    pass
 
 
 # ------------------------------------------------------------------ adapters

@@ -16,7 +16,7 @@ def service_of(request: Request) -> ModelService:
     return service
 
 
-def admit(
+async def admit(
     request: Request,
     *,
     prompt: str | None = None,
@@ -34,8 +34,9 @@ def admit(
         add_special_tokens=add_special_tokens,
     )
     request.state.metrics_counted = True  # submit counts it, admitted or refused
-    generation = service_of(request).submit(engine_request)
-    request.state.generation = generation
+    generation = await service_of(request).submit(engine_request)
+    if getattr(request.state, "generation", None) is None:  # the access log reports the first choice
+        request.state.generation = generation
     if request.app.state.log_prompts:
         request.state.prompt = prompt if prompt is not None else prompt_token_ids
     return generation

@@ -1,30 +1,36 @@
-"""OpenAI routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+"""OpenAI routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+A request with several choices (`n`, or a list of prompts on `/v1/completions`) runs one
+engine request per choice, all batched together by the engine; choice `i` of prompt `p`
+has index `p * n + i`, as OpenAI numbers them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.responses import JSONResponse
 
-from twinserve.engine.request import TokenEvent
-from twinserve.errors import TwinserveError
+from twinserve.engine.request import SamplingParams, TokenEvent
+from twinserve.errors import ContextLengthError, ValidationError
 from twinserve.server.auth import check_api_key
-from twinserve.server.errors import openai_error
-from twinserve.server.generation import ClientDisconnected, Generation
+from twinserve.server.generation import ClientDisconnected, Generation, merged, results
+from twinserve.server.json_body import StrictJSONRoute
 from twinserve.server.protocol import openai as oai
 from twinserve.server.routes import admit, service_of
-from twinserve.server.sse import DONE, sse_event, sse_response
+from twinserve.server.sse import DONE, sse_content, sse_event, sse_response
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": oai.ErrorResponse} for code in (401, 422, 424, 429, 503)
+    code: {"model": oai.ErrorResponse} for code in (400, 401, 413, 424, 429, 500, 503)
 }
 
 
-def _use_openai_errors(request: Request) -> None:
+def use_openai_errors(request: Request) -> None:
     request.state.wire = "openai"
 
 
@@ -42,170 +48,243 @@ async def list_models(request: Request) -> oai.ModelList:
     return oai.ModelList(data=[card])
 
 
-@router.post("/chat/completions", response_model=oai.ChatCompletion, responses=_ERRORS)
+@router.post(
+    "/chat/completions",
+    response_model=oai.ChatCompletion,
+    responses={**_ERRORS, **sse_content(oai.ChatCompletionChunk)},
+)
 async def chat_completions(body: oai.ChatCompletionRequest, request: Request) -> Response:
     """Chat with the model's own chat template; `stream: true` sends chunks then `[DONE]`."""
     return await handle_chat(body, request)
 
 
-@router.post("/completions", response_model=oai.Completion, responses=_ERRORS)
+@router.post(
+    "/completions", response_model=oai.Completion, responses={**_ERRORS, **sse_content(oai.Completion)}
+)
 async def completions(body: oai.CompletionRequest, request: Request) -> Response:
-    """Continue a prompt (text or token ids)."""
+    """Continue a prompt (text, token ids, or a list of either)."""
     return await handle_completion(body, request)
+
+
+# ---------------------------------------------------------------- admission
+async def _admit_choices(
+    request: Request,
+    prompts: Sequence[tuple[str | None, list[int] | None]],
+    params: SamplingParams,
+    n: int,
+    *,
+    prompt_param: str,
+    add_special_tokens: bool,
+) -> list[Generation]:
+    """One generation per choice, prompt-major; all or none (a refusal closes the admitted)."""
+    limit = service_of(request).config.max_client_batch_size
+    if len(prompts) * n > limit:
+        raise ValidationError(
+            f"at most {limit} choices per request (prompts × `n`). Given: {len(prompts)} × {n}",
+            param="n" if n > 1 else prompt_param,
+        )
+    generations: list[Generation] = []
+    try:
+        for text, ids in prompts:
+            for choice in oai.choice_params(params, n):
+                generations.append(
+                    await admit(
+                        request,
+                        prompt=text,
+                        prompt_token_ids=ids,
+                        params=choice,
+                        add_special_tokens=add_special_tokens,
+                    )
+                )
+    except ContextLengthError as exc:
+        _close(generations)
+        exc.param = exc.param or prompt_param
+        raise
+    except BaseException:
+        _close(generations)
+        raise
+    return generations
+
+
+def _close(generations: list[Generation]) -> None:
+    for generation in generations:
+        generation.close()
+
+
+async def _finals(request: Request, generations: list[Generation]) -> list[TokenEvent] | None:
+    try:
+        return await results(generations, request.receive)
+    except ClientDisconnected:
+        return None
+    finally:
+        _close(generations)
+
+
+def _usage(finals: Sequence[TokenEvent], n: int) -> oai.Usage:
+    """Each prompt's tokens once (not once per choice), every choice's completion tokens."""
+    prompt = sum(_prompt_tokens(f) for f in finals[::n])
+    completion = sum(f.details.generated_tokens for f in finals if f.details is not None)
+    return oai.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _prompt_tokens(final: TokenEvent) -> int:
+    return final.details.prompt_tokens if final.details is not None else 0
 
 
 # --------------------------------------------------------------------- chat
 async def handle_chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
-    _use_openai_errors(request)
+    use_openai_errors(request)
     service = service_of(request)
     params = body.to_sampling(service.generation_defaults)
-    prompt = service.chat_prompt(body.message_dicts())
-    generation = admit(request, prompt=prompt, params=params, add_special_tokens=False)
-    rid, created, model = oai.completion_id("chatcmpl"), oai.now(), body.model or service.model_id
-    if body.stream:
-        return sse_response(_chat_chunks(generation, body, rid, created, model))
-    final = await _result(request, generation)
-    if final is None:
-        return Response(status_code=499)
-    assert final.generated_text is not None and final.details is not None
-    logprobs = None
-    if body.logprobs:
-        logprobs = oai.ChoiceLogprobs(
-            content=[
-                oai.token_logprob(t, top)
-                for t, top in zip(final.details.tokens, final.details.top_tokens, strict=False)
-            ]
-        )
-    completion = oai.ChatCompletion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[
-            oai.ChatChoice(
-                message=oai.AssistantMessage(content=final.generated_text),
-                logprobs=logprobs,
-                finish_reason=oai.finish_reason(final.finish_reason),
-            )
-        ],
-        usage=oai.usage(final),
+    prompt = await service.chat_prompt(body.message_dicts())
+    n = body.choices_per_prompt
+    generations = await _admit_choices(
+        request, [(prompt, None)], params, n, prompt_param="messages", add_special_tokens=False
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=generation.timing_headers())
+    rid, created, model = oai.completion_id("chatcmpl"), oai.now(), body.model or service.model_id
+    if body.is_stream:
+        return sse_response(request, _chat_chunks(generations, body, rid, created, model))
+    finals = await _finals(request, generations)
+    if finals is None:
+        return Response(status_code=499)
+    choices = [
+        oai.ChatChoice(
+            index=index,
+            message=oai.AssistantMessage(content=final.generated_text or ""),
+            logprobs=_chat_logprobs(final) if body.logprobs else None,
+            finish_reason=oai.finish_reason(final.finish_reason),
+        )
+        for index, final in enumerate(finals)
+    ]
+    completion = oai.ChatCompletion(
+        id=rid, created=created, model=model, choices=choices, usage=_usage(finals, n)
+    )
+    return _json(completion, generations[0])
+
+
+def _chat_logprobs(final: TokenEvent) -> oai.ChoiceLogprobs:
+    assert final.details is not None
+    pairs = zip(final.details.tokens, final.details.top_tokens, strict=False)
+    return oai.ChoiceLogprobs(content=[oai.token_logprob(t, top) for t, top in pairs])
 
 
 async def _chat_chunks(
-    generation: Generation, body: oai.ChatCompletionRequest, rid: str, created: int, model: str
+    generations: list[Generation], body: oai.ChatCompletionRequest, rid: str, created: int, model: str
 ) -> AsyncIterator[bytes]:
-    def chunk(delta: oai.DeltaMessage, **kw: object) -> bytes:
-        return sse_event(
-            oai.ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=model,
-                choices=[oai.ChatChunkChoice(delta=delta, **kw)],
-            )
-        )
+    def chunk(index: int, delta: oai.DeltaMessage, **kw: object) -> bytes:
+        choice = oai.ChatChunkChoice(index=index, delta=delta, **kw)
+        return sse_event(oai.ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]))
 
+    finals: list[TokenEvent | None] = [None] * len(generations)
     try:
-        yield chunk(oai.DeltaMessage(role="assistant", content=""))
-        async for event in generation:
+        for index in range(len(generations)):
+            yield chunk(index, oai.DeltaMessage(role="assistant", content=""))
+        async for index, event in merged(generations):
             logprobs = None
             if body.logprobs and event.token is not None:
                 logprobs = oai.ChoiceLogprobs(content=[oai.token_logprob(event.token, event.top_tokens)])
             if event.text or logprobs is not None or event.finished:
                 yield chunk(
+                    index,
                     oai.DeltaMessage(content=event.text),
                     logprobs=logprobs,
                     finish_reason=oai.finish_reason(event.finish_reason),
                 )
-            if event.finished and body.include_usage:
-                yield sse_event(
-                    oai.ChatCompletionChunk(
-                        id=rid, created=created, model=model, choices=[], usage=oai.usage(event)
-                    )
-                )
-        yield DONE
-    except TwinserveError as exc:
-        yield sse_event(openai_error(exc))
+            if event.finished:
+                finals[index] = event
+        if body.include_usage:
+            usage = _usage([f for f in finals if f is not None], body.choices_per_prompt)
+            yield sse_event(
+                oai.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+            )
         yield DONE
     finally:
-        generation.close()
+        _close(generations)
 
 
 # -------------------------------------------------------------- completions
 async def handle_completion(body: oai.CompletionRequest, request: Request) -> Response:
-    _use_openai_errors(request)
+    use_openai_errors(request)
     service = service_of(request)
     params = body.to_sampling(service.generation_defaults)
-    prompt, ids = body.prompt_text_or_ids()
-    generation = admit(request, prompt=prompt, prompt_token_ids=ids, params=params)
-    echo = ""
+    prompts = body.prompts()
+    n = body.choices_per_prompt
+    generations = await _admit_choices(
+        request, prompts, params, n, prompt_param="prompt", add_special_tokens=True
+    )
+    echoes = [""] * len(generations)
     if body.echo:
-        echo = prompt if prompt is not None else service.tokenizer.decode(ids)
+        tokenizer = service.tokenizer
+        texts = [text if text is not None else tokenizer.decode(ids) for text, ids in prompts]
+        echoes = [texts[i // n] for i in range(len(generations))]
     rid, created, model = oai.completion_id("cmpl"), oai.now(), body.model or service.model_id
-    if body.stream:
-        return sse_response(_completion_chunks(generation, body, echo, rid, created, model))
-    final = await _result(request, generation)
-    if final is None:
+    if body.is_stream:
+        return sse_response(request, _completion_chunks(generations, body, echoes, rid, created, model))
+    finals = await _finals(request, generations)
+    if finals is None:
         return Response(status_code=499)
-    assert final.generated_text is not None and final.details is not None
-    logprobs = None
-    if body.logprobs is not None:
-        logprobs = oai.completion_logprobs(final.details.tokens, final.details.top_tokens, len(echo))
-    completion = oai.Completion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[
+    choices = []
+    for index, (final, echo) in enumerate(zip(finals, echoes, strict=True)):
+        assert final.details is not None
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = oai.completion_logprobs(final.details.tokens, final.details.top_tokens, len(echo))
+        choices.append(
             oai.CompletionChoice(
-                text=echo + final.generated_text,
+                index=index,
+                text=echo + (final.generated_text or ""),
                 logprobs=logprobs,
                 finish_reason=oai.finish_reason(final.finish_reason),
             )
-        ],
-        usage=oai.usage(final),
+        )
+    completion = oai.Completion(
+        id=rid, created=created, model=model, choices=choices, usage=_usage(finals, n)
     )
-    return JSONResponse(completion.model_dump(mode="json"), headers=generation.timing_headers())
+    return _json(completion, generations[0])
 
 
 async def _completion_chunks(
-    generation: Generation, body: oai.CompletionRequest, echo: str, rid: str, created: int, model: str
+    generations: list[Generation],
+    body: oai.CompletionRequest,
+    echoes: list[str],
+    rid: str,
+    created: int,
+    model: str,
 ) -> AsyncIterator[bytes]:
-    def chunk(choice: oai.CompletionChoice, usage: oai.Usage | None = None) -> bytes:
-        return sse_event(oai.Completion(id=rid, created=created, model=model, choices=[choice], usage=usage))
+    def chunk(choice: oai.CompletionChoice) -> bytes:
+        return sse_event(oai.Completion(id=rid, created=created, model=model, choices=[choice]))
 
+    finals: list[TokenEvent | None] = [None] * len(generations)
+    offsets = [len(echo) for echo in echoes]
     try:
-        offset = len(echo)
-        if echo:
-            yield chunk(oai.CompletionChoice(text=echo, finish_reason=None))
-        async for event in generation:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield chunk(oai.CompletionChoice(index=index, text=echo, finish_reason=None))
+        async for index, event in merged(generations):
             logprobs = None
             if body.logprobs is not None and event.token is not None:
-                logprobs = oai.completion_logprobs([event.token], [event.top_tokens], offset)
-            offset += len(event.text)
+                logprobs = oai.completion_logprobs([event.token], [event.top_tokens], offsets[index])
+            offsets[index] += len(event.text)
             if event.text or logprobs is not None or event.finished:
                 yield chunk(
                     oai.CompletionChoice(
+                        index=index,
                         text=event.text,
                         logprobs=logprobs,
                         finish_reason=oai.finish_reason(event.finish_reason),
                     )
                 )
-            if event.finished and body.include_usage:
-                yield sse_event(
-                    oai.Completion(id=rid, created=created, model=model, choices=[], usage=oai.usage(event))
-                )
-        yield DONE
-    except TwinserveError as exc:
-        yield sse_event(openai_error(exc))
+            if event.finished:
+                finals[index] = event
+        if body.include_usage:
+            usage = _usage([f for f in finals if f is not None], body.choices_per_prompt)
+            yield sse_event(oai.Completion(id=rid, created=created, model=model, choices=[], usage=usage))
         yield DONE
     finally:
-        generation.close()
+        _close(generations)
 
 
-async def _result(request: Request, generation: Generation) -> TokenEvent | None:
-    try:
-        return await generation.result(request.receive)
-    except ClientDisconnected:
-        return None
-    finally:
-        generation.close()
+def _json(answer: oai.ChatCompletion | oai.Completion, first: Generation) -> Response:
+    return Response(
+        answer.model_dump_json().encode(), media_type="application/json", headers=first.timing_headers()
+    )

@@ -26,6 +26,12 @@ async def health(request: Request) -> Response:
     return _health(request)
 
 
+@router.get("/")
+async def root_health(request: Request) -> Response:
+    """TGI answers `GET /` like its health route (`POST /` generates)."""
+    return _health(request)
+
+
 @router.get("/ping")
 async def ping(request: Request) -> Response:
     """SageMaker's health check (same answer as `/health`)."""
@@ -38,7 +44,11 @@ async def info(request: Request) -> tgi.Info:
     return service_of(request).info()
 
 
-@router.get("/metrics")
+class MetricsResponse(Response):
+    media_type = "text/plain"
+
+
+@router.get("/metrics", response_class=MetricsResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus text format, TGI's metric names."""
     registry = service_of(request).metrics.registry

@@ -6,62 +6,77 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.responses import JSONResponse
 
-from twinserve.errors import TwinserveError
+from twinserve.errors import ValidationError
 from twinserve.server.auth import check_api_key
-from twinserve.server.errors import tgi_error
 from twinserve.server.generation import ClientDisconnected, Generation
+from twinserve.server.json_body import StrictJSONRoute
 from twinserve.server.protocol import tgi
 from twinserve.server.routes import admit, service_of
-from twinserve.server.sse import sse_event, sse_response
+from twinserve.server.sse import sse_content, sse_event, sse_response
 
-router = APIRouter(tags=["tgi"], dependencies=[Depends(check_api_key)])
+router = APIRouter(tags=["tgi"], dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": tgi.ErrorResponse, "description": "Missing or wrong API key"},
+    413: {"model": tgi.ErrorResponse, "description": "Body over the payload limit"},
     422: {"model": tgi.ErrorResponse, "description": "Input validation error"},
     424: {"model": tgi.ErrorResponse, "description": "Generation error"},
     429: {"model": tgi.ErrorResponse, "description": "Model is overloaded"},
-    503: {"model": tgi.ErrorResponse, "description": "Model is loading or unhealthy"},
+    500: {"model": tgi.ErrorResponse, "description": "Internal error (a bug; the log has the details)"},
+    503: {"model": tgi.ErrorResponse, "description": "Model is loading, draining or unhealthy"},
 }
 
 
-def _admit(request: Request, body: tgi.GenerateRequest) -> Generation:
+async def _admit(
+    request: Request, body: tgi.GenerateRequest, *, stream: bool, return_full_text: bool = False
+) -> Generation:
     service = service_of(request)
-    params = body.parameters.to_sampling(service.generation_defaults)
-    return admit(request, prompt=body.inputs, params=params)
+    params = body.parameters.to_sampling(service.generation_defaults, return_full_text=return_full_text)
+    if stream and params.decoder_input_details:
+        raise ValidationError(
+            "`decoder_input_details` == true is not supported when streaming tokens",
+            param="parameters.decoder_input_details",
+        )
+    return await admit(request, prompt=body.inputs, params=params)
 
 
 @router.post("/generate", response_model=tgi.GenerateResponse, responses=_ERRORS)
 async def generate(body: tgi.GenerateRequest, request: Request) -> Response:
-    """Generate text; the whole answer in one response."""
-    return await unary_response(request, _admit(request, body), as_list=False)
+    """Generate text; the whole answer in one response (`return_full_text` defaults to false)."""
+    return await unary_response(request, await _admit(request, body, stream=False), as_list=False)
 
 
-@router.post("/generate_stream", responses=_ERRORS)
+@router.post(
+    "/generate_stream", response_class=Response, responses={**_ERRORS, **sse_content(tgi.StreamResponse)}
+)
 async def generate_stream(body: tgi.GenerateRequest, request: Request) -> Response:
     """Generate text as server-sent events, one per token; the last carries `generated_text`."""
-    return stream_response(request, _admit(request, body))
+    return stream_response(request, await _admit(request, body, stream=True))
 
 
-@router.post("/", responses=_ERRORS)
+@router.post(
+    "/", response_model=list[tgi.GenerateResponse], responses={**_ERRORS, **sse_content(tgi.StreamResponse)}
+)
 async def compat_generate(body: tgi.GenerateRequest, request: Request) -> Response:
-    """TGI's compat route: `stream` picks SSE or a one-element list."""
-    generation = _admit(request, body)
+    """TGI's compat route: `stream` picks SSE or a one-element list; `return_full_text`
+    defaults to true, as TGI's does for text-generation models."""
+    generation = await _admit(request, body, stream=body.stream, return_full_text=True)
     if body.stream:
         return stream_response(request, generation)
     return await unary_response(request, generation, as_list=True)
 
 
-@router.post("/tokenize", response_model=list[tgi.SimpleToken])
-async def tokenize(body: tgi.TokenizeRequest, request: Request) -> list[tgi.SimpleToken]:
-    """The prompt's tokens with their byte offsets, as the model sees them."""
-    tokenizer = service_of(request).tokenizer
-    encoding = tokenizer(body.inputs, return_offsets_mapping=True)
-    return [
-        tgi.SimpleToken(id=tid, text=body.inputs[start:stop], start=start, stop=stop)
-        for tid, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
-    ]
+@router.post("/tokenize", response_model=list[tgi.SimpleToken], responses=_ERRORS)
+async def tokenize(body: tgi.TokenizeRequest, request: Request) -> Response:
+    """The prompt's tokens with their character offsets, as `/generate` would see them
+    (same `truncate`, same input limit), computed off the event loop."""
+    service = service_of(request)
+    truncate = body.parameters.truncate
+    limit = service.ready_engine().config.max_input_tokens
+    tokens = await service.off_loop(lambda: service.tokenize(body.inputs, truncate=truncate, limit=limit))
+    payload = tgi.TokenizeResponse(tokens).model_dump_json().encode()
+    return Response(payload, media_type="application/json")
 
 
 async def unary_response(request: Request, generation: Generation, *, as_list: bool) -> Response:
@@ -71,15 +86,15 @@ async def unary_response(request: Request, generation: Generation, *, as_list: b
         return Response(status_code=499)
     finally:
         generation.close()
-    body = tgi.generate_response(final, generation.params).model_dump(mode="json")
-    if body["details"] is None:
-        del body["details"]
+    answer = tgi.generate_response(final, generation.params)
+    payload = answer.model_dump_json(exclude={"details"} if answer.details is None else None)
+    body = f"[{payload}]" if as_list else payload
     headers = {**generation.timing_headers(), "x-compute-type": service_of(request).compute_type}
-    return JSONResponse([body] if as_list else body, headers=headers)
+    return Response(body.encode(), media_type="application/json", headers=headers)
 
 
 def stream_response(request: Request, generation: Generation) -> Response:
-    return sse_response(_events(generation), {"x-compute-type": service_of(request).compute_type})
+    return sse_response(request, _events(generation), {"x-compute-type": service_of(request).compute_type})
 
 
 async def _events(generation: Generation) -> AsyncIterator[bytes]:
@@ -88,7 +103,5 @@ async def _events(generation: Generation) -> AsyncIterator[bytes]:
         async for event in generation:
             index += 1
             yield sse_event(tgi.stream_response(event, index, generation.params))
-    except TwinserveError as exc:  # headers are sent: the error travels as the last event
-        yield sse_event(tgi_error(exc))
     finally:
         generation.close()
