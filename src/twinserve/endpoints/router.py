@@ -23,8 +23,9 @@ Policy:
   aborts the generation. The replica's outstanding count is released in every case.
 - Hop-by-hop headers are dropped both ways; `authorization`, `x-request-id` and the rest pass.
   With `api_key` the router also checks Bearer keys itself on the generation routes (as the
-  server does; `/health`, `/ping`, `/info`, `/metrics` and docs stay open), so bad keys never
-  reach a replica. Without it the Authorization header simply passes to the replicas.
+  server does; `/health`, `/ping`, `GET /`, `/info` and `/metrics` stay open, and the docs go
+  to the replicas, which apply their own rule), so bad keys never reach a generation route.
+  Without it the Authorization header simply passes to the replicas.
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ class RouterApp:
 
     async def _authorized(self, scope: Scope, send: Send) -> bool:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
+            return True
+        if scope["path"] == "/" and scope["method"] in (
+            "GET",
+            "HEAD",
+        ):  # TGI's health route; POST / generates
             return True
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scheme, _, given = headers.get("authorization", "").partition(" ")

@@ -254,6 +254,8 @@ def test_api_key_is_checked_by_the_router_on_generation_routes(replicas: list[Th
         ok = httpx.post(f"{url}/generate", json=SHORT, headers={"authorization": "Bearer s3cret"}, timeout=30)
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/info").status_code == 200
+        assert httpx.get(f"{url}/").status_code == 200  # TGI's health route stays open
+        assert httpx.post(f"{url}/", json=SHORT).status_code == 401  # TGI's compat generation does not
 
 
 def test_router_health_lists_replica_states(replicas: list[ThreadServer]) -> None:

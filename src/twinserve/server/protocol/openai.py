@@ -11,6 +11,7 @@ gets a silently different answer.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -35,6 +36,8 @@ from twinserve.engine.request import (
 )
 from twinserve.errors import ValidationError
 from twinserve.server.protocol.tgi import sampling_params
+
+log = logging.getLogger(__name__)
 
 # the most log-probability alternatives the legacy completions API gives (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5
@@ -139,10 +142,17 @@ class _SamplingFields(BaseModel):
     def _check_supported(self) -> None:
         if self.logit_bias:
             raise ValidationError("`logit_bias` is not supported", param="logit_bias")
+        ignored = []
         for name, value in (self.model_extra or {}).items():
             accepted = self._refused.get(name)
-            if accepted is not None and value is not None and value not in accepted:
+            if accepted is None:
+                ignored.append(name)
+            elif value is not None and value not in accepted:
                 raise ValidationError(f"`{name}` is not supported by this server", param=name)
+        if ignored:  # fields of newer SDKs (`store`, `metadata`, ...), or a typo: findable in the log
+            log.debug(
+                "ignoring unknown fields", extra={"model": type(self).__name__, "fields": sorted(ignored)}
+            )
 
     @property
     def choices_per_prompt(self) -> int:
