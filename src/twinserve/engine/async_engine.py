@@ -276,10 +276,24 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        event = await self.next_event()
+        assert event is not None
+        return event
+
+    async def next_event(self, timeout: float | None = None) -> TokenEvent | None:
+        """The next event, or None when none came within `timeout` seconds (the request goes on:
+        a server sends a keep-alive then). StopAsyncIteration at the end, as `__anext__`."""
         if self._done:
             raise StopAsyncIteration
         try:
-            event = await self._queue.get()
+            if timeout is None:
+                event = await self._queue.get()
+            else:
+                try:
+                    async with asyncio.timeout(timeout):  # a cancelled queue get loses nothing
+                        event = await self._queue.get()
+                except TimeoutError:
+                    return None
         except BaseException:  # cancelled while waiting: the consumer is gone
             self.close()
             raise

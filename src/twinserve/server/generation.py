@@ -45,8 +45,14 @@ class Generation:
         return self
 
     async def __anext__(self) -> TokenEvent:
+        event = await self.next_event()
+        assert event is not None
+        return event
+
+    async def next_event(self, timeout: float | None = None) -> TokenEvent | None:
+        """The next event; None when none came within `timeout` seconds (still running)."""
         try:
-            event = await self._stream.__anext__()
+            event = await self._stream.next_event(timeout)
         except StopAsyncIteration:
             if self.final is None and self.error is None:  # closed before the end
                 self._record_abort()
@@ -55,6 +61,8 @@ class Generation:
             self.error = exc
             self._metrics.request_failed(exc.error_type)
             raise
+        if event is None:
+            return None
         now = time.monotonic()
         if event.token is not None:
             self.tokens += 1
@@ -179,16 +187,23 @@ async def _watch_disconnect(receive: Receive, generations: list[Generation]) -> 
             return
 
 
-async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """The events of several generations as they come, each with its generation's index.
+async def merged(
+    generations: list[Generation], keepalive_s: float | None = None
+) -> AsyncIterator[tuple[int, TokenEvent] | None]:
+    """The events of several generations as they come, each with its generation's index, and
+    None whenever none came for `keepalive_s` seconds (a stream sends a keep-alive then).
 
-    The first error is raised (the caller closes the others); closing the iterator stops
-    the pumps.
+    The first error is raised (the caller closes the others); closing the iterator stops the
+    pumps. Waiting uses `asyncio.timeout` on a queue, never a task per event (the hot path).
     """
     if len(generations) == 1:
-        async for event in generations[0]:
-            yield 0, event
-        return
+        generation = generations[0]
+        while True:
+            try:
+                event = await generation.next_event(keepalive_s)
+            except StopAsyncIteration:
+                return
+            yield None if event is None else (0, event)
     inbox: asyncio.Queue[tuple[int, TokenEvent | None, Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, generation: Generation) -> None:
@@ -204,7 +219,12 @@ async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Toke
     try:
         running = len(pumps)
         while running:
-            index, item, error = await inbox.get()
+            try:
+                async with asyncio.timeout(keepalive_s):
+                    index, item, error = await inbox.get()
+            except TimeoutError:
+                yield None
+                continue
             if error is not None:
                 raise error
             if item is None:

@@ -1,21 +1,19 @@
 """Server-sent events: one `data:` line per event, flushed as it is produced.
 
 `sse_response` owns what every stream needs once the 200 is out: an error becomes the
-stream's last event in the route's protocol (then `[DONE]` on OpenAI routes), a bug
-becomes a stable internal-error event (the traceback goes to the log), and a stream with
+stream's last event in the route's protocol (then `[DONE]` on OpenAI routes) and a bug
+becomes a stable internal-error event (the traceback goes to the log). A stream with
 nothing to send for `sse_keepalive_s` (queued behind other requests, or a slow prefill)
-gets an SSE comment, so proxies with idle timeouts (60 s on many) keep the connection.
+sends KEEPALIVE, an SSE comment, so proxies with idle timeouts (60 s on many) keep the
+connection; the routes learn of the silence from `generation.merged`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -47,11 +45,16 @@ def sse_event(payload: BaseModel, *, exclude_none: bool = False) -> bytes:
     return b"data: " + payload.model_dump_json(exclude_none=exclude_none).encode() + b"\n\n"
 
 
+def keepalive_s(request: Request) -> float:
+    """Seconds of silence after which a stream sends KEEPALIVE."""
+    seconds: float = request.app.state.sse_keepalive_s
+    return seconds
+
+
 def sse_response(
     request: Request, body: AsyncIterator[bytes], headers: dict[str, str] | None = None
 ) -> StreamingResponse:
-    keepalive_s: float = request.app.state.sse_keepalive_s
-    events = _with_keepalive(_with_errors(request, body), keepalive_s)
+    events = _with_errors(request, body)
     return StreamingResponse(
         events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})}
     )
@@ -72,33 +75,3 @@ async def _with_errors(request: Request, body: AsyncIterator[bytes]) -> AsyncIte
     yield sse_event(error_body(error, wire))
     if wire == "openai":
         yield DONE
-
-
-async def _with_keepalive(body: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
-    """`body`, with a comment whenever it is silent for `interval` seconds.
-
-    The pending `__anext__` runs as a task that a timeout never cancels (cancelling it
-    would abort the generation); it is cancelled only when the response itself ends.
-    """
-    iterator = aiter(body)
-    pending: asyncio.Future[bytes] = asyncio.ensure_future(anext(iterator))
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield KEEPALIVE
-                continue
-            try:
-                chunk = pending.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-            pending = asyncio.ensure_future(anext(iterator))
-    finally:
-        with anyio.CancelScope(shield=True):  # the response may be ending by cancellation
-            if not pending.done():
-                pending.cancel()  # runs the body's own cleanup (which aborts the generation)
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                    await pending
-            if hasattr(iterator, "aclose"):
-                await iterator.aclose()

@@ -19,7 +19,7 @@ from twinserve.server.generation import ClientDisconnected, Generation, merged, 
 from twinserve.server.json_body import StrictJSONRoute
 from twinserve.server.protocol import openai as oai
 from twinserve.server.routes import admit, service_of
-from twinserve.server.sse import DONE, sse_content, sse_event, sse_response
+from twinserve.server.sse import DONE, KEEPALIVE, keepalive_s, sse_content, sse_event, sse_response
 
 router = APIRouter(
     prefix="/v1", tags=["openai"], dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute
@@ -143,7 +143,8 @@ async def handle_chat(body: oai.ChatCompletionRequest, request: Request) -> Resp
     )
     rid, created, model = oai.completion_id("chatcmpl"), oai.now(), body.model or service.model_id
     if body.is_stream:
-        return sse_response(request, _chat_chunks(generations, body, rid, created, model))
+        chunks = _chat_chunks(generations, body, rid, created, model, keepalive_s(request))
+        return sse_response(request, chunks)
     finals = await _finals(request, generations)
     if finals is None:
         return Response(status_code=499)
@@ -169,7 +170,12 @@ def _chat_logprobs(final: TokenEvent) -> oai.ChoiceLogprobs:
 
 
 async def _chat_chunks(
-    generations: list[Generation], body: oai.ChatCompletionRequest, rid: str, created: int, model: str
+    generations: list[Generation],
+    body: oai.ChatCompletionRequest,
+    rid: str,
+    created: int,
+    model: str,
+    keepalive: float,
 ) -> AsyncIterator[bytes]:
     def chunk(index: int, delta: oai.DeltaMessage, **kw: object) -> bytes:
         choice = oai.ChatChunkChoice(index=index, delta=delta, **kw)
@@ -179,7 +185,11 @@ async def _chat_chunks(
     try:
         for index in range(len(generations)):
             yield chunk(index, oai.DeltaMessage(role="assistant", content=""))
-        async for index, event in merged(generations):
+        async for item in merged(generations, keepalive):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            index, event = item
             logprobs = None
             if body.logprobs and event.token is not None:
                 logprobs = oai.ChoiceLogprobs(content=[oai.token_logprob(event.token, event.top_tokens)])
@@ -219,7 +229,8 @@ async def handle_completion(body: oai.CompletionRequest, request: Request) -> Re
         echoes = [texts[i // n] for i in range(len(generations))]
     rid, created, model = oai.completion_id("cmpl"), oai.now(), body.model or service.model_id
     if body.is_stream:
-        return sse_response(request, _completion_chunks(generations, body, echoes, rid, created, model))
+        chunks = _completion_chunks(generations, body, echoes, rid, created, model, keepalive_s(request))
+        return sse_response(request, chunks)
     finals = await _finals(request, generations)
     if finals is None:
         return Response(status_code=499)
@@ -250,6 +261,7 @@ async def _completion_chunks(
     rid: str,
     created: int,
     model: str,
+    keepalive: float,
 ) -> AsyncIterator[bytes]:
     def chunk(choice: oai.CompletionChoice) -> bytes:
         return sse_event(oai.Completion(id=rid, created=created, model=model, choices=[choice]))
@@ -260,7 +272,11 @@ async def _completion_chunks(
         for index, echo in enumerate(echoes):
             if echo:
                 yield chunk(oai.CompletionChoice(index=index, text=echo, finish_reason=None))
-        async for index, event in merged(generations):
+        async for item in merged(generations, keepalive):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            index, event = item
             logprobs = None
             if body.logprobs is not None and event.token is not None:
                 logprobs = oai.completion_logprobs([event.token], [event.top_tokens], offsets[index])

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from twinserve.errors import ValidationError
 from twinserve.server.auth import check_api_key
-from twinserve.server.generation import ClientDisconnected, Generation
+from twinserve.server.generation import ClientDisconnected, Generation, merged
 from twinserve.server.json_body import StrictJSONRoute
 from twinserve.server.protocol import tgi
 from twinserve.server.routes import admit, service_of
-from twinserve.server.sse import sse_content, sse_event, sse_response
+from twinserve.server.sse import KEEPALIVE, keepalive_s, sse_content, sse_event, sse_response
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute)
 
@@ -94,14 +94,18 @@ async def unary_response(request: Request, generation: Generation, *, as_list: b
 
 
 def stream_response(request: Request, generation: Generation) -> Response:
-    return sse_response(request, _events(generation), {"x-compute-type": service_of(request).compute_type})
+    events = _events(generation, keepalive_s(request))
+    return sse_response(request, events, {"x-compute-type": service_of(request).compute_type})
 
 
-async def _events(generation: Generation) -> AsyncIterator[bytes]:
+async def _events(generation: Generation, keepalive: float) -> AsyncIterator[bytes]:
     index = 0
     try:
-        async for event in generation:
+        async for item in merged([generation], keepalive):
+            if item is None:
+                yield KEEPALIVE
+                continue
             index += 1
-            yield sse_event(tgi.stream_response(event, index, generation.params))
+            yield sse_event(tgi.stream_response(item[1], index, generation.params))
     finally:
         generation.close()
