@@ -83,11 +83,16 @@ class Generation:
             self._stream.close()
             self._record_abort()
 
+    def _queue_s(self, event: TokenEvent) -> float:
+        """Time waiting for a batch, validation excluded (the engine counts from arrival)."""
+        return max(0.0, (event.queue_time or 0.0) - (self.request.validation_time or 0.0))
+
     def _record_success(self, event: TokenEvent) -> None:
         details = event.details
         self._metrics.request_succeeded(
             total_s=time.monotonic() - self.request.arrival_time,
-            queue_s=event.queue_time or 0.0,
+            validation_s=self.request.validation_time or 0.0,
+            queue_s=self._queue_s(event),
             inference_s=event.inference_time or 0.0,
             prompt_tokens=details.prompt_tokens if details else 0,
             generated_tokens=details.generated_tokens if details else self.tokens,
@@ -120,7 +125,7 @@ class Generation:
         headers = {"x-compute-time": f"{total:.6f}", "x-total-time": str(int(total * 1000))}
         if final is None:
             return headers
-        queue = final.queue_time or 0.0
+        queue = self._queue_s(final)
         inference = final.inference_time or 0.0
         details = final.details
         generated = details.generated_tokens if details else self.tokens
@@ -146,7 +151,8 @@ class Generation:
             if final.details is not None:
                 out["prompt_tokens"] = final.details.prompt_tokens
                 out["finish_reason"] = final.details.finish_reason.value
-            out["queue_ms"] = round((final.queue_time or 0.0) * 1000, 1)
+            out["validation_ms"] = round((self.request.validation_time or 0.0) * 1000, 1)
+            out["queue_ms"] = round(self._queue_s(final) * 1000, 1)
             out["inference_ms"] = round((final.inference_time or 0.0) * 1000, 1)
         if self.error is not None:
             out["error_type"] = self.error.error_type

@@ -84,6 +84,9 @@ class ServerMetrics:
             return Histogram(name, doc, buckets=buckets, registry=self.registry)
 
         self.duration = hist("tgi_request_duration", "End-to-end request time (s).", _SECONDS)
+        self.validation_duration = hist(
+            "tgi_request_validation_duration", "Time tokenizing and validating (s).", _SECONDS
+        )
         self.queue_duration = hist("tgi_request_queue_duration", "Time waiting for a batch (s).", _SECONDS)
         self.inference_duration = hist(
             "tgi_request_inference_duration", "Time in the running batch (s).", _SECONDS
@@ -108,6 +111,7 @@ class ServerMetrics:
         self,
         *,
         total_s: float,
+        validation_s: float,
         queue_s: float,
         inference_s: float,
         prompt_tokens: int,
@@ -116,6 +120,7 @@ class ServerMetrics:
         with self._counters._lock:
             self._counters.request_success += 1
         self.duration.observe(total_s)
+        self.validation_duration.observe(validation_s)
         self.queue_duration.observe(queue_s)
         self.inference_duration.observe(inference_s)
         self.input_length.observe(prompt_tokens)

@@ -121,10 +121,12 @@ async def test_metrics_count_requests_by_outcome(client: httpx.AsyncClient) -> N
     assert _sample(text, "twinserve_inter_token_latency_seconds_count") == 6
     for name in (
         "tgi_request_duration_count",
+        "tgi_request_validation_duration_count",
         "tgi_request_queue_duration_count",
         "tgi_request_inference_duration_count",
         "tgi_request_mean_time_per_token_duration_count",
         "tgi_request_input_length_count",
     ):
         assert _sample(text, name) == 2
+    assert _sample(text, "tgi_request_validation_duration_sum") > 0  # measured, not a constant 0
     assert _sample(text, "tgi_queue_size") == 0 and _sample(text, "tgi_batch_current_size") == 0

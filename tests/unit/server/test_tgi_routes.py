@@ -35,7 +35,14 @@ async def test_generate_returns_text_details_and_tgi_headers(
     assert len(details["prefill"]) == prompt_tokens and details["prefill"][0]["logprob"] is None
     assert r.headers["x-request-id"] == "abc-123"
     assert int(r.headers["x-generated-tokens"]) == details["generated_tokens"]
-    for name in ("x-compute-time", "x-queue-time", "x-inference-time", "x-time-per-token", "x-compute-type"):
+    for name in (
+        "x-compute-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+        "x-compute-type",
+    ):
         assert name in r.headers
 
 
