@@ -50,6 +50,7 @@ from twinserve.errors import (
     UnauthorizedError,
 )
 from twinserve.server.errors import Wire, error_body, status_for
+from twinserve.server.middleware import declares_more_than, payload_too_large
 
 log = logging.getLogger(__name__)
 
@@ -316,10 +317,8 @@ def create_router_app(pool: ReplicaPool, *, api_key: str | None = None, **option
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The whole body, None if the client left; PayloadTooLargeError past `limit` bytes."""
-    too_large = PayloadTooLargeError(f"request body is larger than the payload limit ({limit} bytes)")
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise too_large
+    if declares_more_than(scope, limit):
+        raise payload_too_large(limit)
     chunks = []
     size = 0
     while True:
@@ -329,7 +328,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise payload_too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -116,35 +116,49 @@ class Engine:
                 raise ValidationError(f"`prompt_token_ids` must be in [0, {vocab})", param="prompt")
             return given
         assert request.prompt is not None
+        ids: list[int] = self.encode(request.prompt, add_special_tokens=request.add_special_tokens)[
+            "input_ids"
+        ]
+        return ids
+
+    def encode(self, text: str, *, add_special_tokens: bool = True, offsets: bool = False) -> Any:
+        """The tokenizer's encoding of `text` (with character offsets if asked); ValidationError
+        for text it cannot take."""
         try:
-            encoded = self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)
+            return self.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
         except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates
             raise ValidationError("`inputs` is not valid text for the tokenizer") from exc
-        ids: list[int] = encoded["input_ids"]
-        return ids
+
+    def check_truncate(self, truncate: int | None) -> None:
+        limit = self.config.max_input_tokens
+        if truncate is not None and truncate > limit:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}",
+                param="truncate",
+            )
+
+    def check_input_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        """ContextLengthError (TGI's wording) for a prompt over max_input_tokens."""
+        limit = self.config.max_input_tokens
+        if prompt_tokens > limit:
+            raise ContextLengthError(
+                f"`inputs` must have less than {limit} tokens. Given: {prompt_tokens}",
+                limit=limit,
+                prompt_tokens=prompt_tokens,
+                new_tokens=new_tokens,
+            )
 
     def validate(self, request: GenerateRequest) -> RequestState:
         """Tokenize and check the limits; raises ValidationError with TGI's wording."""
         cfg, params = self.config, request.params
-        if params.truncate is not None and params.truncate > cfg.max_input_tokens:
-            raise ValidationError(
-                f"`truncate` must be strictly positive and less than {cfg.max_input_tokens}. "
-                f"Given: {params.truncate}",
-                param="truncate",
-            )
+        self.check_truncate(params.truncate)
         ids = self.tokenize(request)
         if not ids:
             raise ValidationError("`inputs` cannot be empty")
         if params.truncate is not None and len(ids) > params.truncate:
             ids = ids[-params.truncate :]
         max_new = params.max_new_tokens
-        if len(ids) > cfg.max_input_tokens:
-            raise ContextLengthError(
-                f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {len(ids)}",
-                limit=cfg.max_input_tokens,
-                prompt_tokens=len(ids),
-                new_tokens=max_new or 0,
-            )
+        self.check_input_length(len(ids), max_new or 0)
         if max_new is None:
             max_new = cfg.max_total_tokens - len(ids)
         if len(ids) + max_new > cfg.max_total_tokens:

@@ -130,6 +130,18 @@ class CatchAllMiddleware:
                 await error_response(error, wire_of(scope))(scope, receive, send)
 
 
+def payload_too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body is larger than the payload limit ({limit} bytes)")
+
+
+def declares_more_than(scope: Scope, limit: int) -> bool:
+    """Whether the request's Content-Length is over `limit` (refused before reading a byte)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return value.isdigit() and int(value) > limit
+    return False
+
+
 class PayloadLimitMiddleware:
     """413 for bodies over `limit` bytes: at once from Content-Length, else while reading."""
 
@@ -141,11 +153,10 @@ class PayloadLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = PayloadTooLargeError(f"request body is larger than the payload limit ({self.limit} bytes)")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await error_response(error, wire_of(scope))(scope, receive, send)
-                return
+        error = payload_too_large(self.limit)
+        if declares_more_than(scope, self.limit):
+            await error_response(error, wire_of(scope))(scope, receive, send)
+            return
         received = 0
 
         async def counting_receive() -> Message:

@@ -24,13 +24,7 @@ from twinserve.config import ServeConfig
 from twinserve.engine.async_engine import ENGINE_DEAD, AsyncEngine
 from twinserve.engine.chat import render_chat
 from twinserve.engine.request import MAX_STOP_SEQUENCES, GenerateRequest
-from twinserve.errors import (
-    ContextLengthError,
-    EngineDeadError,
-    NotReadyError,
-    TwinserveError,
-    ValidationError,
-)
+from twinserve.errors import EngineDeadError, NotReadyError, TwinserveError, ValidationError
 from twinserve.registry.resolve import ResolvedModel, resolve_model
 from twinserve.server.generation import Generation
 from twinserve.server.metrics import EngineGauges, ServerMetrics
@@ -221,28 +215,16 @@ class ModelService:
         tokenizer, template = engine.engine.tokenizer, self._chat_template
         return await engine.off_loop(lambda: render_chat(tokenizer, messages, template))
 
-    def tokenize(self, text: str, *, truncate: int | None, limit: int) -> list[tgi.SimpleToken]:
-        """`/tokenize`: the tokens generation would see (blocking: call it off the loop)."""
-        if truncate is not None and truncate > limit:
-            raise ValidationError(
-                f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}",
-                param="parameters.truncate",
-            )
-        try:
-            encoding = self.tokenizer(text, return_offsets_mapping=True)
-        except (TypeError, ValueError, UnicodeError) as exc:
-            raise ValidationError("`inputs` is not valid text for the tokenizer", param="inputs") from exc
+    def tokenize(self, text: str, *, truncate: int | None) -> list[tgi.SimpleToken]:
+        """`/tokenize`: the tokens generation would see, under its limits (blocking: call it off
+        the loop)."""
+        engine = self.ready_engine().engine
+        engine.check_truncate(truncate)
+        encoding = engine.encode(text, offsets=True)
         pairs = list(zip(encoding["input_ids"], encoding["offset_mapping"], strict=True))
         if truncate is not None:
             pairs = pairs[-truncate:]
-        if len(pairs) > limit:
-            raise ContextLengthError(
-                f"`inputs` must have less than {limit} tokens. Given: {len(pairs)}",
-                limit=limit,
-                prompt_tokens=len(pairs),
-                new_tokens=0,
-                param="inputs",
-            )
+        engine.check_input_length(len(pairs), 0)
         return [tgi.SimpleToken(id=tid, text=text[a:b], start=a, stop=b) for tid, (a, b) in pairs]
 
     async def off_loop(self, fn: Callable[[], T]) -> T:

@@ -73,8 +73,7 @@ async def tokenize(body: tgi.TokenizeRequest, request: Request) -> Response:
     (same `truncate`, same input limit), computed off the event loop."""
     service = service_of(request)
     truncate = body.parameters.truncate
-    limit = service.ready_engine().config.max_input_tokens
-    tokens = await service.off_loop(lambda: service.tokenize(body.inputs, truncate=truncate, limit=limit))
+    tokens = await service.off_loop(lambda: service.tokenize(body.inputs, truncate=truncate))
     payload = tgi.TokenizeResponse(tokens).model_dump_json().encode()
     return Response(payload, media_type="application/json")
 
