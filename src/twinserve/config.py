@@ -110,6 +110,15 @@ class EngineConfig(BaseModel):
         ),
     )
     seed: int = Field(0, ge=0, description="Seeds the choice of per-request seeds when none is given.")
+    weights_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description=(
+            "The weights' sha256 when it is already known and verified (a registry version: its "
+            "content hash, checked on resolve). The loader reports it as is instead of reading every "
+            "weight file once more to hash it. None = the loader hashes the files."
+        ),
+    )
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> EngineConfig:

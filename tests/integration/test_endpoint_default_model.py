@@ -21,12 +21,12 @@ from safetensors.numpy import save_file
 from tests.servers import process_gone
 from twinserve.bench.endpoint_bench import LoadClients
 from twinserve.client import LLMClient
-from twinserve.endpoints.control import EndpointManager
-from twinserve.endpoints.local_runtime import LocalRuntime
-from twinserve.endpoints.rollout import UpdateRolledBackError
-from twinserve.endpoints.router import REPLICA_HEADER
-from twinserve.endpoints.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaState
-from twinserve.endpoints.state import StateStore
+from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaState
+from twinserve.deploy.state import StateStore
+from twinserve.platforms.local.local_runtime import LocalRuntime
+from twinserve.platforms.local.platform import LocalPlatform
+from twinserve.platforms.local.rollout import UpdateRolledBackError
+from twinserve.platforms.local.router.app import REPLICA_HEADER
 from twinserve.registry.store import ModelRegistry
 
 pytestmark = pytest.mark.integration
@@ -63,9 +63,9 @@ def broken_version(default_model_path: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[EndpointManager]:
+def manager(tmp_path: Path) -> Iterator[LocalPlatform]:
     store = StateStore(tmp_path / "endpoints" / "state.db")
-    manager = EndpointManager(store, LocalRuntime(store, home=tmp_path))
+    manager = LocalPlatform(store, LocalRuntime(store, home=tmp_path))
     try:
         yield manager
     finally:  # whatever failed, no process outlives the test
@@ -106,7 +106,7 @@ def _invoke(url: str, replica_id: str) -> None:
     assert r.headers[REPLICA_HEADER] == replica_id
 
 
-def _update_under_load(manager: EndpointManager, url: str, model: str) -> tuple[Endpoint, LoadClients]:
+def _update_under_load(manager: LocalPlatform, url: str, model: str) -> tuple[Endpoint, LoadClients]:
     with LoadClients(url, clients=2, max_new_tokens=4) as load:
         load.wait_ok(4, 120)
         updated = manager.update("twin", manager.config_with_model("twin", model))
@@ -114,7 +114,7 @@ def _update_under_load(manager: EndpointManager, url: str, model: str) -> tuple[
     return updated, load
 
 
-def test_default_model_endpoint_from_create_to_delete(broken_version: str, manager: EndpointManager) -> None:
+def test_default_model_endpoint_from_create_to_delete(broken_version: str, manager: LocalPlatform) -> None:
     seen_pids: set[int] = set()
 
     # create from the champion alias

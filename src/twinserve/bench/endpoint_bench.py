@@ -42,11 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from twinserve.bench.prompts import QUESTIONS, chat_messages
 from twinserve.bench.serve_bench import ServeBenchConfig, chat_workload, serve_bench
 from twinserve.config import Dtype
-from twinserve.endpoints.control import EndpointManager
-from twinserve.endpoints.local_runtime import LocalRuntime
-from twinserve.endpoints.router import REPLICA_HEADER
-from twinserve.endpoints.spec import Endpoint, EndpointConfig, utcnow
-from twinserve.endpoints.state import StateStore
+from twinserve.deploy.spec import Endpoint, EndpointConfig, utcnow
+from twinserve.deploy.state import StateStore
+from twinserve.platforms.local.local_runtime import LocalRuntime
+from twinserve.platforms.local.platform import LocalPlatform
+from twinserve.platforms.local.router.app import REPLICA_HEADER
 
 Progress = Callable[[str], None]
 Part = Literal["router", "update", "scale"]
@@ -108,7 +108,7 @@ class RouterResult(BaseModel):
 
 
 class UpdateResult(BaseModel):
-    update_s: float = Field(description="How long `EndpointManager.update` took.")
+    update_s: float = Field(description="How long `LocalPlatform.update` took.")
     clients: int
     ok: int = Field(description="Whole 200 answers while the clients ran (before, during, after the update).")
     failed: int = Field(description="Everything else: other statuses, broken streams, connection errors.")
@@ -304,7 +304,7 @@ def endpoint_config(cfg: EndpointBenchConfig, name: str, **extra: Any) -> Endpoi
 
 @contextlib.contextmanager
 def _endpoint(
-    manager: EndpointManager, config: EndpointConfig, *, controller: bool, progress: Progress
+    manager: LocalPlatform, config: EndpointConfig, *, controller: bool, progress: Progress
 ) -> Iterator[Endpoint]:
     """Create the endpoint (InService) and delete it when the block ends, however it ends."""
     try:
@@ -333,7 +333,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 # ------------------------------------------------------------------ part 1: router overhead
 def router_part(
-    manager: EndpointManager, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
+    manager: LocalPlatform, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
 ) -> RouterResult:
     with _endpoint(manager, endpoint_config(cfg, "bench-router"), controller=False, progress=progress) as ep:
         assert ep.url is not None  # InService: the router runs
@@ -372,7 +372,7 @@ def _side(bench: ServeBenchConfig, url: str) -> SideResult:
 
 # ------------------------------------------------------------------ part 2: update under load
 def update_part(
-    manager: EndpointManager, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
+    manager: LocalPlatform, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
 ) -> UpdateResult:
     name = "bench-update"
     with _endpoint(manager, endpoint_config(cfg, name), controller=False, progress=progress) as ep:
@@ -409,7 +409,7 @@ def update_part(
 
 # ------------------------------------------------------------------ part 3: load spike → new replica
 def scale_part(
-    manager: EndpointManager, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
+    manager: LocalPlatform, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
 ) -> ScaleResult:
     name = "bench-scale"
     policy = {
@@ -460,7 +460,7 @@ def scale_part(
     )
 
 
-def _healthy(manager: EndpointManager, name: str) -> int:
+def _healthy(manager: LocalPlatform, name: str) -> int:
     return manager.describe(name).variants[0].current_replicas
 
 
@@ -469,7 +469,7 @@ def _after(start: datetime, moment: datetime | None) -> float | None:
 
 
 # ------------------------------------------------------------------ the run
-PartRunner = Callable[[EndpointManager, EndpointBenchConfig, Path, Progress], BaseModel]
+PartRunner = Callable[[LocalPlatform, EndpointBenchConfig, Path, Progress], BaseModel]
 RUNNERS: dict[Part, PartRunner] = {"router": router_part, "update": update_part, "scale": scale_part}
 
 
@@ -482,7 +482,7 @@ def run_endpoint_bench(cfg: EndpointBenchConfig, progress: Progress = _quiet) ->
     with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="twinserve-bench-endpoint-") as tmp:
         home = Path(tmp)
         store = StateStore(home / "endpoints" / "state.db")
-        manager = EndpointManager(store, LocalRuntime(store, home=home))
+        manager = LocalPlatform(store, LocalRuntime(store, home=home))
         try:
             for part in PARTS:
                 if part not in cfg.parts:

@@ -1,7 +1,8 @@
-"""`twinserve endpoint …`: real-time endpoints on this machine (create, describe, list, invoke, update,
-scale, reconcile, export-scaling, delete, logs).
+"""`twinserve endpoint …`: real-time endpoints on a platform (create, describe, list, invoke, update,
+scale, autoscale, reconcile, export-scaling, delete, logs).
 
-Thin: parses, calls `endpoints.control.EndpointManager`, prints with rich. Heavy modules are
+Thin: parses, calls the endpoint's `Platform` (`--platform` at create, recorded per endpoint,
+so later commands find it), prints with rich. Heavy modules are
 imported inside the commands so `twinserve --help` stays fast. Exit codes: 0 ok, 1 an
 operation failed (not found, start-up failed, request error), 2 a bad config or flags.
 """
@@ -16,10 +17,14 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from twinserve.endpoints.control import EndpointManager
-    from twinserve.endpoints.spec import Endpoint, EndpointConfig
+    from twinserve.deploy.platform import Platform
+    from twinserve.deploy.spec import Endpoint, EndpointConfig
+    from twinserve.platforms.local.platform import LocalPlatform
 
-app = typer.Typer(help="Real-time endpoints: replicas behind one router URL.", no_args_is_help=True)
+app = typer.Typer(
+    help="Real-time endpoints: on this machine (replicas behind one router URL) or on SageMaker.",
+    no_args_is_help=True,
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -29,10 +34,31 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _manager() -> EndpointManager:
-    from twinserve.endpoints.control import EndpointManager
+def _manager() -> LocalPlatform:
+    from twinserve.platforms.local.platform import LocalPlatform
 
-    return EndpointManager()
+    return LocalPlatform()
+
+
+def _platform(name: str) -> Platform:
+    """The platform endpoint `name` was created on (exit 1 when there is no such endpoint)."""
+    from twinserve.errors import NotFoundError
+    from twinserve.platforms import platform_of
+
+    try:
+        return platform_of(name)
+    except NotFoundError as exc:
+        _fail(exc.message)
+
+
+def _local(name: str) -> LocalPlatform:
+    """The local platform, for commands only it has (exit 2 for an endpoint elsewhere)."""
+    from twinserve.platforms.local.platform import LocalPlatform
+
+    platform = _platform(name)
+    if not isinstance(platform, LocalPlatform):
+        _fail(f"endpoint {name!r} runs on {platform.name}; this command is for local endpoints", 2)
+    return platform
 
 
 def _build_config(
@@ -42,7 +68,7 @@ def _build_config(
     import yaml
     from pydantic import ValidationError
 
-    from twinserve.endpoints.spec import EndpointConfig
+    from twinserve.deploy.spec import EndpointConfig
 
     try:
         if config is not None:
@@ -100,29 +126,68 @@ def create_command(
         help="With --autoscale: concurrent requests per replica to keep.",
     ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until InService (or Failed)."),
+    platform: str | None = typer.Option(
+        None, "--platform", help="local (default) | sagemaker; recorded, later commands need no flag."
+    ),
+    region: str | None = typer.Option(None, "--region", help="sagemaker: AWS region."),
+    role_arn: str | None = typer.Option(None, "--role-arn", help="sagemaker: execution role ARN."),
+    instance_type: str | None = typer.Option(
+        None, "--instance-type", help="sagemaker: e.g. ml.g5.2xlarge (default: the planner's pick)."
+    ),
+    image: str | None = typer.Option(
+        None, "--image", help="sagemaker: container image (default: HF LLM DLC)."
+    ),
+    hf_token_secret: str | None = typer.Option(
+        None, "--hf-token-secret", help="sagemaker: Secrets Manager ARN of a Hub token (gated models)."
+    ),
+    keep_on_failure: bool = typer.Option(
+        False, "--keep-on-failure", help="sagemaker: keep what was created when the endpoint fails."
+    ),
 ) -> None:
-    """Start replicas, a router and a controller; print the endpoint URL."""
+    """Deploy an endpoint (locally: replicas, a router and a controller); print its URL."""
     from twinserve.errors import TwinserveError
+    from twinserve.platforms import get_platform
 
     endpoint: dict[str, Any] = {"api_key": api_key} if api_key else {}
+    sagemaker = {
+        k: v
+        for k, v in {
+            "region": region,
+            "role_arn": role_arn,
+            "instance_type": instance_type,
+            "image": image,
+            "hf_token_secret": hf_token_secret,
+        }.items()
+        if v is not None
+    }
+    if platform not in (None, "local", "sagemaker"):
+        _fail(f"--platform is local or sagemaker, not {platform!r}", 2)
+    if (sagemaker or keep_on_failure) and platform != "sagemaker":
+        flag = next(iter(sagemaker), "keep_on_failure").replace("_", "-")
+        _fail(f"--{flag} is a sagemaker flag; add --platform sagemaker", 2)
+    if platform == "sagemaker":
+        endpoint["platform"] = {"type": "sagemaker", "sagemaker": sagemaker}
     if autoscale is not None:
         endpoint["autoscaling"] = _target_tracking(autoscale, target_concurrency)
         replicas = replicas or endpoint["autoscaling"]["min_replicas"]
     variant = {"replicas": replicas, "threads": threads, "dtype": dtype, "device": device}
     cfg = _build_config(name, model, config, variant, endpoint)
-    manager = _manager()
+    target = get_platform(cfg.platform.type)
+    extra: dict[str, Any] = {"keep_on_failure": True} if keep_on_failure else {}
     try:
-        with err.status(f"creating endpoint {name!r}") as status:
+        with err.status(f"creating endpoint {name!r} on {target.name}") as status:
 
             def progress(message: str) -> None:
                 err.print(f"[dim]{message}[/dim]", highlight=False)
                 status.update(message)
 
-            ep = manager.create(cfg, wait=wait, progress=progress)
+            ep = target.create(cfg, wait=wait, progress=progress, **extra)
     except TwinserveError as exc:
         _fail(exc.message)
     except KeyboardInterrupt:
         _fail(f"interrupted; endpoint {name!r} was stopped and marked Failed", 130)
+    except ValueError as exc:  # a config the platform refuses before deploying (pydantic included)
+        _fail(f"invalid endpoint config: {exc}", 2)
     if ep.url:
         out.print(f"endpoint [bold]{name}[/bold] is {ep.status}: {ep.url}", highlight=False, soft_wrap=True)
     else:
@@ -131,84 +196,59 @@ def create_command(
         )
 
 
-def _describe(manager: EndpointManager, name: str) -> Endpoint:
-    from twinserve.errors import NotFoundError
+def _describe(platform: Platform, name: str) -> Endpoint:
+    from twinserve.errors import NotFoundError, TwinserveError
 
     try:
-        return manager.describe(name)
+        return platform.describe(name)
     except NotFoundError as exc:
+        _fail(exc.message)
+    except TwinserveError as exc:  # e.g. the cloud did not answer
         _fail(exc.message)
 
 
 @app.command("describe")
 def describe_command(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
-    """Status, URL, variants and replicas (probed now), and the last failure reason."""
-    from rich.table import Table
+    """Status, URL, variants (reference → pinned version), replicas, policy, events, failure reason."""
+    from twinserve.cli.endpoint_view import render_endpoint
+    from twinserve.deploy.state import StateStore
 
-    manager = _manager()
-    ep = _describe(manager, name)
-    out.print(f"[bold]{ep.name}[/bold]  status: {ep.status}  url: {ep.url or '-'}", highlight=False)
-    out.print(f"created {ep.created_at:%Y-%m-%d %H:%M:%S} UTC, updated {ep.updated_at:%Y-%m-%d %H:%M:%S} UTC")
-    router = "up" if manager.router_alive(ep) else "[red]down[/red]"
-    controller = "up" if manager.controller_alive(ep) else "[yellow]not running[/yellow]"
-    out.print(f"generation {ep.generation}  router: {router}  controller: {controller}", highlight=False)
-    if ep.operation:
-        out.print(f"operation in progress: {ep.operation} (pid {ep.operation_pid})")
-    if ep.target is not None:
-        models = ", ".join(f"{v.name}={v.model}" for v in ep.target.variants)
-        out.print(f"rolling out generation {ep.generation + 1} ({models}): {ep.target_share:.0%} of traffic")
-    variants = Table("variant", "model", "weight", "desired", "current", title="variants")
-    for v in ep.variants:
-        cfg = ep.config.variant(v.name)
-        variants.add_row(
-            v.name, cfg.model, f"{cfg.weight:g}", str(v.desired_replicas), str(v.current_replicas)
-        )
-    out.print(variants)
-    replicas = Table("replica", "variant", "gen", "state", "pid", "port", "model version", title="replicas")
-    for r in ep.replicas:
-        replicas.add_row(
-            r.id,
-            r.variant,
-            str(r.generation),
-            str(r.state),
-            str(r.pid or "-"),
-            str(r.port),
-            r.model_version or "-",
-        )
-    out.print(replicas)
-    if ep.config.autoscaling is not None:
-        p = ep.config.autoscaling
-        bound = f"{p.min_replicas}..{p.max_replicas}"
-        rule = f"target {p.target:g}" if p.type == "target_tracking" else f"threshold {p.threshold:g}"
-        out.print(f"autoscaling: {p.type} on {p.metric}, {rule}, replicas {bound}", highlight=False)
-    events = manager.events(name, limit=10)
-    if events:
-        table = Table("time (UTC)", "variant", "from → to", "metric", "reason", title="scaling events")
-        for e in events:
-            metric = f"{e.metric_value:.2f}" if e.metric_value is not None else "-"
-            table.add_row(
-                f"{e.time:%H:%M:%S}", e.variant, f"{e.from_replicas} → {e.to_replicas}", metric, e.reason
-            )
-        out.print(table)
-    if ep.failure_reason:
-        out.print(f"[red]failure reason:[/red]\n{ep.failure_reason}", highlight=False, soft_wrap=True)
+    platform = _platform(name)
+    ep = _describe(platform, name)
+    render_endpoint(out, ep, platform, StateStore().events(name, limit=10))
 
 
 @app.command("list")
 def list_command() -> None:
-    """Every endpoint with its status, URL and healthy/desired replicas."""
+    """Every endpoint with its platform, status, URL and healthy/desired replicas."""
     from rich.table import Table
 
-    endpoints = _manager().list_endpoints()
-    if not endpoints:
+    from twinserve.deploy.state import StateStore
+    from twinserve.errors import NotFoundError, TwinserveError
+    from twinserve.platforms import get_platform
+
+    store = StateStore()
+    stored = store.list_endpoints()
+    if not stored:
         out.print("no endpoints")
         return
-    table = Table("name", "status", "url", "replicas (healthy/desired)", "created (UTC)")
-    for ep in endpoints:
+    table = Table("name", "platform", "status", "url", "replicas (healthy/desired)", "created (UTC)")
+    for each in stored:
+        try:
+            ep = get_platform(each.config.platform.type, store).describe(each.name)
+        except NotFoundError:  # deleted while we looked
+            continue
+        except TwinserveError:  # the platform did not answer: show what was recorded
+            ep = each
         healthy = sum(v.current_replicas for v in ep.variants)
         desired = sum(v.desired_replicas for v in ep.variants)
         table.add_row(
-            ep.name, str(ep.status), ep.url or "-", f"{healthy}/{desired}", f"{ep.created_at:%Y-%m-%d %H:%M}"
+            ep.name,
+            ep.config.platform.type,
+            str(ep.status),
+            ep.url or "-",
+            f"{healthy}/{desired}",
+            f"{ep.created_at:%Y-%m-%d %H:%M}",
         )
     out.print(table)
 
@@ -221,20 +261,20 @@ def invoke_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float | None = typer.Option(None, "--temperature", help="Sample at this temperature."),
 ) -> None:
-    """Ask the endpoint through its router (OpenAI chat route); its API key is used if it has one."""
+    """Ask the endpoint (OpenAI chat route) through its platform's transport, with its API key."""
     from twinserve.client import LLMClient
     from twinserve.errors import TwinserveError
 
-    ep = _describe(_manager(), name)
+    platform = _platform(name)
+    ep = _describe(platform, name)
     if not ep.status.accepts_traffic or ep.url is None:
         _fail(f"endpoint {name!r} is {ep.status}, not serving")
-    key = ep.config.api_key.get_secret_value() if ep.config.api_key else None
     messages = [{"role": "user", "content": prompt}]
     params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         params["temperature"] = temperature
     try:
-        with LLMClient(ep.url, api="openai", api_key=key) as client:
+        with LLMClient(transport=platform.transport(ep), api="openai") as client:
             if stream:
                 for chunk in client.chat_stream(messages, **params):
                     sys.stdout.write(chunk.text)
@@ -247,7 +287,7 @@ def invoke_command(
 
 
 def _run_operation(label: str, operation: Any) -> Endpoint:
-    """Run an EndpointManager operation with progress on stderr; errors become exit codes."""
+    """Run a platform operation with progress on stderr; errors become exit codes."""
     from twinserve.errors import ClientError, TwinserveError
 
     with err.status(label) as status:
@@ -265,6 +305,8 @@ def _run_operation(label: str, operation: Any) -> Endpoint:
             _fail(exc.message)
         except KeyError as exc:
             _fail(str(exc.args[0]) if exc.args else str(exc), 2)
+        except ValueError as exc:  # a config the platform refuses (pydantic's errors included)
+            _fail(f"invalid endpoint config: {exc}", 2)
 
 
 @app.command("update")
@@ -287,26 +329,31 @@ def update_command(
 ) -> None:
     """Blue/green: start the new version beside the old, shift traffic (in canary steps), drain the
     old; if the new version does not come up healthy, roll back and keep serving the old one."""
-    manager = _manager()
+    from twinserve.deploy.spec import PlatformConfig
+
     if (model is None) == (config is None):
         _fail("give --model REF or --config FILE.yaml", 2)
+    platform = _platform(name)
+    current = _describe(platform, name)
     if config is not None:
         target = _build_config(name, None, config, {}, {})
-        current = _describe(manager, name).config
-        if target.api_key is None and current.api_key is not None:  # keep the key unless a new one is given
-            target = target.model_copy(update={"api_key": current.api_key})
+        if (
+            target.api_key is None and current.config.api_key is not None
+        ):  # keep the key unless a new one is given
+            target = target.model_copy(update={"api_key": current.config.api_key})
+        if target.platform == PlatformConfig():  # no platform: block → stay where it runs
+            target = target.model_copy(update={"platform": current.config.platform})
     else:
         assert model is not None
-        _describe(manager, name)
         try:
-            target = manager.config_with_model(name, model, variant=variant)
+            target = current.config_with_model(model, variant=variant)
         except KeyError as exc:
             _fail(str(exc.args[0]), 2)
     if not wait:
         from twinserve.errors import TwinserveError
 
         try:
-            manager.update_detached(name, target, canary_percent=canary, bake_s=bake)
+            _local(name).update_detached(name, target, canary_percent=canary, bake_s=bake)
         except TwinserveError as exc:
             _fail(exc.message)
         out.print(
@@ -315,9 +362,12 @@ def update_command(
         return
     ep = _run_operation(
         f"updating endpoint {name!r}",
-        lambda progress: manager.update(name, target, canary_percent=canary, bake_s=bake, progress=progress),
+        lambda progress: platform.update(name, target, canary_percent=canary, bake_s=bake, progress=progress),
     )
-    versions = sorted({r.model_version or "?" for r in ep.replicas})
+    versions = sorted(
+        {r.model_version or "?" for r in ep.replicas}
+        or {v.pinned.label for v in ep.config.variants if v.pinned is not None}
+    )
     out.print(
         f"endpoint [bold]{name}[/bold] is {ep.status} on generation {ep.generation} ({', '.join(versions)})",
         highlight=False,
@@ -330,14 +380,45 @@ def scale_command(
     replicas: int = typer.Option(..., "--replicas", "-n", min=1, help="Replicas the variant should run."),
     variant: str | None = typer.Option(None, "--variant", help="Variant to scale (default: the first)."),
 ) -> None:
-    """Set a variant's replica count (within the autoscaling bounds, if it has a policy)."""
-    manager = _manager()
+    """Set a variant's replica (instance) count, within the autoscaling bounds if it has a policy."""
+    platform = _platform(name)
     ep = _run_operation(
         f"scaling endpoint {name!r}",
-        lambda progress: manager.scale(name, replicas, variant=variant, progress=progress),
+        lambda progress: platform.scale(name, replicas, variant=variant, progress=progress),
     )
     counts = ", ".join(f"{v.name}: {v.current_replicas}/{v.desired_replicas}" for v in ep.variants)
     out.print(f"endpoint [bold]{name}[/bold] is {ep.status} ({counts} healthy/desired)", highlight=False)
+
+
+@app.command("autoscale")
+def autoscale_command(
+    name: str = typer.Argument(..., help="Endpoint name."),
+    bounds: str | None = typer.Option(
+        None, "--autoscale", help="MIN..MAX replicas, target tracking on concurrent requests per replica."
+    ),
+    target_concurrency: float = typer.Option(
+        4.0, "--target-concurrency", min=0.1, help="Concurrent requests per replica to keep."
+    ),
+    off: bool = typer.Option(False, "--off", help="Remove the policy (fixed replica counts)."),
+) -> None:
+    """Apply an autoscaling policy to a running endpoint (or remove it with --off)."""
+    from twinserve.deploy.spec import TargetTrackingPolicy
+
+    if (bounds is None) == (not off):
+        _fail("give --autoscale MIN..MAX or --off", 2)
+    policy = (
+        None
+        if off
+        else TargetTrackingPolicy.model_validate(_target_tracking(bounds or "", target_concurrency))
+    )
+    platform = _platform(name)
+    ep = _run_operation(
+        f"autoscaling endpoint {name!r}",
+        lambda progress: platform.set_autoscaling(name, policy, progress=progress),
+    )
+    p = ep.config.autoscaling
+    state = f"{p.min_replicas}..{p.max_replicas} replicas" if p else "off"
+    out.print(f"endpoint [bold]{name}[/bold]: autoscaling {state}", highlight=False)
 
 
 @app.command("reconcile")
@@ -348,8 +429,12 @@ def reconcile_command(
     router (same URL) and the controller."""
     from twinserve.errors import NotFoundError
 
-    manager = _manager()
-    names = [name] if name else [e.name for e in manager.store.list_endpoints()]
+    if name:
+        manager = _local(name)
+        names = [name]
+    else:
+        manager = _manager()
+        names = [e.name for e in manager.store.list_endpoints() if e.config.platform.type == "local"]
     for each in names:
         try:
             actions = manager.reconcile(
@@ -371,8 +456,8 @@ def export_scaling_command(
     """Print the autoscaling policy as SageMaker Application Auto Scaling calls (boto3 kwargs, JSON)."""
     import json
 
-    from twinserve.endpoints.sagemaker_scaling import sagemaker_scaling_calls
-    from twinserve.endpoints.spec import EndpointConfig
+    from twinserve.deploy.spec import EndpointConfig
+    from twinserve.platforms.sagemaker.scaling import sagemaker_scaling_calls
 
     if (name is None) == (config is None):
         _fail("give an endpoint NAME or --config FILE.yaml", 2)
@@ -382,7 +467,7 @@ def export_scaling_command(
         except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
             _fail(f"invalid endpoint config: {exc}", 2)
     else:
-        cfg = _describe(_manager(), name or "").config
+        cfg = _describe(_platform(name or ""), name or "").config
     if cfg.autoscaling is None:
         _fail(f"endpoint {cfg.name!r} has no autoscaling policy", 2)
     try:
@@ -394,9 +479,26 @@ def export_scaling_command(
 
 @app.command("delete")
 def delete_command(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
-    """Drain and stop the router and the replicas, then forget the endpoint (a missing one is fine)."""
-    with err.status(f"deleting endpoint {name!r}"):
-        deleted = _manager().delete(name)
+    """Remove everything the endpoint runs (locally: drain and stop the router and the replicas;
+    on SageMaker: scaling, alarms, endpoint, configs, models), then forget it (a missing one is fine)."""
+    from twinserve.errors import NotFoundError, TwinserveError
+    from twinserve.platforms import platform_of
+
+    try:
+        platform = platform_of(name)
+    except NotFoundError:
+        out.print(f"endpoint {name!r} does not exist; nothing to do")
+        return
+    with err.status(f"deleting endpoint {name!r}") as status:
+
+        def progress(message: str) -> None:
+            err.print(f"[dim]{message}[/dim]", highlight=False)
+            status.update(message)
+
+        try:
+            deleted = platform.delete(name, progress=progress)
+        except TwinserveError as exc:
+            _fail(exc.message)
     out.print(f"endpoint {name!r} deleted" if deleted else f"endpoint {name!r} does not exist; nothing to do")
 
 
@@ -405,12 +507,12 @@ def logs_command(
     name: str = typer.Argument(..., help="Endpoint name."),
     lines: int = typer.Option(50, "--lines", "-n", min=1, help="Last lines of each log."),
 ) -> None:
-    """The last lines of each replica's log and of the router's."""
-    from twinserve.errors import NotFoundError
+    """The last lines of each log: replicas, router, controller (local) or CloudWatch streams (sagemaker)."""
+    from twinserve.errors import TwinserveError
 
     try:
-        logs = _manager().logs(name, lines)
-    except NotFoundError as exc:
+        logs = _platform(name).logs(name, lines)
+    except TwinserveError as exc:
         _fail(exc.message)
     for source, text in logs.items():
         out.print(f"[bold]==> {source} <==[/bold]", highlight=False)

@@ -24,7 +24,7 @@ from rich.console import Console
 from twinserve.cli.chat import CHAMPION_REF, DEMO_QUESTION, stream_chat
 
 if TYPE_CHECKING:
-    from twinserve.endpoints.control import EndpointManager
+    from twinserve.platforms.local.platform import LocalPlatform
 
 out = Console()
 err = Console(stderr=True)
@@ -45,11 +45,11 @@ def up_command(
 ) -> None:
     """Deploy llm-twin@champion as endpoint `twin` (autoscaling 1..2), ask it once, serve until Ctrl-C."""
     from twinserve.client import LLMClient
-    from twinserve.endpoints.control import EndpointManager
-    from twinserve.endpoints.spec import EndpointConfig
+    from twinserve.deploy.spec import EndpointConfig
     from twinserve.errors import TwinserveError
+    from twinserve.platforms.local.platform import LocalPlatform
 
-    manager = EndpointManager()
+    manager = LocalPlatform()
     try:
         if model == CHAMPION_REF:
             from twinserve.registry.store import ModelRegistry
@@ -86,7 +86,7 @@ def up_command(
         err.print(f"[bold]user:[/bold] {question}")
         with LLMClient(endpoint.url, api="openai") as client:
             stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
-        out.print(_usage(name, endpoint.url), highlight=False, soft_wrap=True)
+        out.print(_usage(name, endpoint.url, manager.runtime_api_url()), highlight=False, soft_wrap=True)
         _serve(manager, name, hold)
     except KeyboardInterrupt:
         err.print("\n[dim]interrupted[/dim]")
@@ -102,7 +102,7 @@ def _threads_per_replica(max_replicas: int) -> int:
     return max(1, (os.cpu_count() or 1) // max_replicas)
 
 
-def _usage(name: str, url: str) -> str:
+def _usage(name: str, url: str, runtime_api: str | None = None) -> str:
     tgi = {"inputs": "What is an LLM twin?", "parameters": {"max_new_tokens": 64}}
     chat = {
         "messages": [{"role": "user", "content": "What is an LLM twin?"}],
@@ -122,6 +122,14 @@ def _usage(name: str, url: str) -> str:
             f"[bold]endpoint {name}[/bold]: {url}  (TGI, OpenAI and SageMaker routes; 127.0.0.1 only)",
             "  TGI:    " + curl("/generate", tgi),
             "  OpenAI: " + curl("/v1/chat/completions", chat, stream=True),
+            *(
+                [
+                    f'  boto3:  boto3.client("sagemaker-runtime", endpoint_url="{runtime_api}")'
+                    f'.invoke_endpoint(EndpointName="{name}", ContentType="application/json", Body=...)'
+                ]
+                if runtime_api
+                else []
+            ),
             f"  status: twinserve endpoint describe {name}    load test: twinserve bench serve --url {url} "
             "--api openai --chat --concurrency 16",
             "serving until Ctrl-C (then the endpoint is deleted)",
@@ -129,7 +137,7 @@ def _usage(name: str, url: str) -> str:
     )
 
 
-def _serve(manager: EndpointManager, name: str, hold: float | None) -> None:
+def _serve(manager: LocalPlatform, name: str, hold: float | None) -> None:
     """Wait for Ctrl-C (or `hold` seconds), printing scaling events as they are recorded."""
     stop = threading.Event()
     seen = len(manager.events(name, limit=None))
@@ -149,7 +157,7 @@ def _serve(manager: EndpointManager, name: str, hold: float | None) -> None:
                 return
 
 
-def _delete(manager: EndpointManager, name: str) -> None:
+def _delete(manager: LocalPlatform, name: str) -> None:
     # a second Ctrl-C must not leave replicas behind: ignore it while deleting
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -1,10 +1,13 @@
-"""The LLM client: `LLMClient` over a pluggable `Transport` (HTTP now, SageMaker runtime next).
+"""The LLM client: `LLMClient` over a pluggable `Transport` (HTTP, or SageMaker Runtime).
 
 Depends on nothing of twinserve but `errors` and the wire schemas in `server.protocol`,
-so an app that only calls an endpoint never imports the engine or torch.
+so an app that only calls an endpoint never imports the engine or torch. `SageMakerTransport`
+is imported on first use, so boto3 (the `[aws]` extra) is only needed by those who use it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from twinserve.client.llm_client import LLMClient
 from twinserve.client.transport import AsyncStreamResponse, HttpTransport, Response, StreamResponse, Transport
@@ -18,8 +21,20 @@ __all__ = [
     "HttpTransport",
     "LLMClient",
     "Response",
+    "SageMakerTransport",
     "StreamChunk",
     "StreamResponse",
     "TokenInfo",
     "Transport",
 ]
+
+if TYPE_CHECKING:
+    from twinserve.client.sagemaker_transport import SageMakerTransport
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SageMakerTransport":
+        from twinserve.client.sagemaker_transport import SageMakerTransport
+
+        return SageMakerTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -102,16 +102,41 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of the shards, and a sha256 over the files (what `/info` reports)."""
+    return read_tensors(files), hash_weights(files)
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the shards."""
     weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                weights[name] = f.get_tensor(name)
+    return weights
+
+
+def hash_weights(files: list[Path]) -> str:
+    """One sha256 over the bytes of the shards, in order (the registry's `content_sha256`)."""
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                weights[name] = f.get_tensor(name)
-    return weights, digest.hexdigest()
+    return digest.hexdigest()
+
+
+def weights_digest(cfg: EngineConfig, files: list[Path]) -> str:
+    """The weights' sha256: the one given in `cfg` (verified by the registry), else hashed here.
+
+    Hashing reads every weight byte once more (seconds to minutes for large models); a registry
+    version's hash was already checked against its files on resolve, so it is not redone.
+    """
+    if cfg.weights_sha256 is not None:
+        log.debug(
+            "weights_sha256 %s… given (verified by the registry): not hashed again", cfg.weights_sha256[:12]
+        )
+        return cfg.weights_sha256
+    return hash_weights(files)
 
 
 def eos_ids(path: Path, config: Any, tokenizer: Any) -> frozenset[int]:
@@ -144,7 +169,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") and dtype == torch.float32:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     attention = resolve_attention(cfg.attention, device)
-    weights, sha = read_weights(files)
+    weights, sha = read_tensors(files), weights_digest(cfg, files)
     calibration = calibration_token_ids(tokenizer) if cfg.quantize == "int8" else None
     model = LlamaModel(
         config,

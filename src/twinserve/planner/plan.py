@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twinserve.config import Quantize
-from twinserve.endpoints.spec import EndpointConfig, ServingLimits, TargetTrackingPolicy
+from twinserve.deploy.spec import EndpointConfig, ServingLimits, TargetTrackingPolicy
 from twinserve.errors import ValidationError
 from twinserve.planner.deployment import (
     ASYNC_TIMEOUT_S,

@@ -9,7 +9,10 @@ facts live in MLflow:
 - metrics: metrics of that run;
 - alias history: one tag per move on the registered model, `twinserve.alias_move.<time_ns>-<rand>`,
   whose value is the move as JSON (alias, from, to, user, time, reason). MLflow keeps no alias
-  history; one tag per move means concurrent movers never overwrite each other's record.
+  history; one tag per move means concurrent movers never overwrite each other's record, and
+  the alias and its record are written as one step (`aliases.py`);
+- on each host: downloads of remote artifacts, and markers of verified versions
+  (`verified.py`), under `<home>/registry/cache/<name>/`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -28,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from twinserve.config import Settings, get_settings
 from twinserve.errors import NotFoundError, ValidationError
+from twinserve.registry._files import file_lock
+from twinserve.registry.aliases import HISTORY_TAG_PREFIX, check_reason, move_alias
 from twinserve.registry.backend import (
     StoreLocation,
     connect,
@@ -37,17 +41,16 @@ from twinserve.registry.backend import (
     translate,
 )
 from twinserve.registry.card import ModelCard
-from twinserve.registry.content import verify_folder
 from twinserve.registry.importer import (
     DuplicateImportError,
     ImportRequest,
     ProgressFn,
     check_name,
-    current_user,
     prune_failed_imports,
     run_import,
 )
 from twinserve.registry.refs import AliasRef, HubRef, VersionRef, check_alias, parse_ref
+from twinserve.registry.verified import settle, verify_on_host
 from twinserve.registry.versions import (
     AliasMove,
     ModelSummary,
@@ -64,7 +67,6 @@ if TYPE_CHECKING:
 
 DEFAULT_REGISTERED_NAME = "llm-twin"
 CHAMPION = "champion"
-HISTORY_TAG_PREFIX = "twinserve.alias_move."
 _METRIC_NAME = re.compile(r"[\w\-./ ]{1,250}")
 _PAGE = 1000
 
@@ -243,33 +245,22 @@ class ModelRegistry:
     # --- aliases -----------------------------------------------------------------------------
 
     def set_alias(self, name: str, alias: str, version: int, *, reason: str | None = None) -> AliasMove:
-        """Point `alias` at `version` and record the move (not recorded when nothing moves)."""
+        """Point `alias` at `version` and record the move, as one step (not recorded when nothing
+        moves). See `aliases.py` for why the alias and its record can't part on any backend."""
         check_alias(alias)
+        check_reason(reason)
         self._model_version(name, version, None)  # NotFoundError for an unknown version
         with self.location.lock(), mlflow_errors(f"alias {alias} of {name}"):
-            before = aliases_of(self._registered_model(name)).get(alias)
-            move = AliasMove(
-                alias=alias, from_version=before, to_version=version, user=current_user(),
-                time=datetime.now(UTC), reason=reason,
-            )  # fmt: skip
-            if before != version:
-                self.client.set_registered_model_alias(name, alias, str(version))
-                self._record(name, move)
-        return move
+            return move_alias(self.client, name, alias, version, reason)
 
     def delete_alias(self, name: str, alias: str, *, reason: str | None = None) -> AliasMove:
-        """Remove `alias` and record it; NotFoundError when it does not exist."""
+        """Remove `alias` and record it, as one step; NotFoundError when it does not exist."""
+        check_reason(reason)
         with self.location.lock(), mlflow_errors(f"alias {alias} of {name}"):
             aliases = aliases_of(self._registered_model(name))
             if alias not in aliases:
                 raise NotFoundError(_unknown_alias(name, alias, aliases))
-            move = AliasMove(
-                alias=alias, from_version=aliases[alias], to_version=None, user=current_user(),
-                time=datetime.now(UTC), reason=reason,
-            )  # fmt: skip
-            self.client.delete_registered_model_alias(name, alias)
-            self._record(name, move)
-        return move
+            return move_alias(self.client, name, alias, None, reason)
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:
         """Every recorded alias move of `name` (only `alias`'s when given), oldest first."""
@@ -293,36 +284,58 @@ class ModelRegistry:
         """A local, verified folder for `models:/name/3` or `models:/name@alias`.
 
         Files of a local artifact store (and referenced folders) are used in place; a remote
-        store's are downloaded once into `<home>/registry/cache`. With `verify`, every file is
-        checked against the hashes recorded at import: ModelLoadError names a missing or
-        corrupted file.
+        store's are downloaded once per host into `<home>/registry/cache`. With `verify`, every
+        file is checked against the hashes recorded at import, once per host (`verified.py`):
+        ModelLoadError names a missing or corrupted file. Processes resolving one version at
+        once share the work under a per-version lock: one downloads and verifies, the others
+        wait and find it done.
         """
-        ref = parse_ref(reference) if isinstance(reference, str) else reference
-        if not isinstance(ref, VersionRef | AliasRef):
-            raise ValidationError(
-                f"{reference!s} is not a registry reference (models:/name/3, models:/name@alias)"
-            )
-        if isinstance(ref, AliasRef):
-            info = self.get_version(ref.name, alias=ref.alias)
-        else:
-            info = self.get_version(ref.name, ref.version)
-        path = local_path(info.source) or self._download(info)
-        if verify:
-            total, done = info.manifest.total_bytes, 0
+        info = self._version_of(reference)
+        entry = self._cache_entry(info)
+        source = local_path(info.source)
 
-            def on_bytes(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress("Verifying", done, total)
+        def on_wait() -> None:
+            if progress is not None:
+                progress(f"Waiting for another process preparing {info.uri}", 0, 1)
 
-            verify_folder(path, info.manifest, on_bytes)
+        # a download must be locked (the cache must be writable anyway); an in-place check
+        # only saves duplicate hashing, so a read-only home just goes without the lock
+        with file_lock(entry.with_name(f"{entry.name}.lock"), on_wait, required=source is None):
+            path = source if source is not None else self._download(info, entry)
+            if verify:
+                self._verify(info, path, entry.with_name(f"{entry.name}.verified.json"), progress)
         return ResolvedVersion(
             reference=str(reference), name=info.name, version=info.version, path=path,
             content_sha256=info.content_sha256, card=info.card, aliases=info.aliases,
         )  # fmt: skip
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _version_of(self, reference: str | VersionRef | AliasRef) -> VersionInfo:
+        ref = parse_ref(reference) if isinstance(reference, str) else reference
+        if not isinstance(ref, VersionRef | AliasRef):
+            raise ValidationError(
+                f"{reference!s} is not a registry reference (models:/name/3, models:/name@alias)"
+            )
+        if isinstance(ref, AliasRef):
+            return self.get_version(ref.name, alias=ref.alias)
+        return self.get_version(ref.name, ref.version)
+
+    def _cache_entry(self, info: VersionInfo) -> Path:
+        """Where this host keeps the version: its download, and beside it its lock and marker."""
+        cache = self.settings.home / "registry" / "cache" / info.name
+        return cache / f"{info.version}-{info.content_sha256[:16]}"
+
+    def _verify(self, info: VersionInfo, path: Path, marker: Path, progress: ProgressFn | None) -> None:
+        total, done = info.manifest.total_bytes, 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("Verifying", done, total)
+
+        verify_on_host(path, info.manifest, marker, on_bytes)
 
     def _registered_model(self, name: str) -> RegisteredModel:
         found = self._registered_model_or_none(name)
@@ -397,34 +410,36 @@ class ModelRegistry:
         except MlflowException:  # the run was deleted by hand: the version stays usable
             return {}
 
-    def _record(self, name: str, move: AliasMove) -> None:
-        # time first so tags sort chronologically; the random tail keeps same-instant moves apart
-        key = f"{HISTORY_TAG_PREFIX}{int(move.time.timestamp() * 1e6):017d}-{secrets.token_hex(3)}"
-        self.client.set_registered_model_tag(name, key, move.model_dump_json(exclude_none=True))
+    def _download(self, info: VersionInfo, entry: Path) -> Path:
+        """`entry`, downloaded from the artifact store unless already there (call under its lock).
 
-    def _download(self, info: VersionInfo) -> Path:
+        Downloaded into a private temp folder beside it and renamed into place whole, so no
+        reader sees a partial folder, even one that skipped the lock or outlived a killed
+        download. Temp folders left by killed downloads of this entry are removed first: under
+        the lock, nobody else can be writing them.
+        """
         import mlflow.artifacts
 
-        cache = (
-            self.settings.home
-            / "registry"
-            / "cache"
-            / info.name
-            / f"{info.version}-{info.content_sha256[:16]}"
-        )
-        if cache.is_dir():
-            return cache
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache.parent) as tmp:
-            with mlflow_errors(f"downloading models:/{info.name}/{info.version}"):
-                got = mlflow.artifacts.download_artifacts(
-                    artifact_uri=info.source, dst_path=tmp, tracking_uri=self.location.uri
+        if entry.is_dir():
+            return entry
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".download-{entry.name}-"
+        for stale in entry.parent.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=entry.parent) as tmp:
+            with mlflow_errors(f"downloading {info.uri}"):
+                got = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=info.source, dst_path=tmp, tracking_uri=self.location.uri
+                    )
                 )
+            settle(got)  # so its first check can be trusted by the next replica at once
             try:
-                os.replace(got, cache)
-            except OSError:  # downloaded meanwhile by another process
-                shutil.rmtree(got, ignore_errors=True)
-        return cache
+                os.replace(got, entry)
+            except OSError:  # renamed meanwhile by a process that could not take the lock
+                if not entry.is_dir():
+                    raise
+        return entry
 
 
 def _default_origin(folder: Path) -> str:

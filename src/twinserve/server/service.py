@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twinserve import __version__
-from twinserve.config import ServeConfig
+from twinserve.config import EngineConfig, ServeConfig
 from twinserve.engine.async_engine import ENGINE_DEAD, AsyncEngine
 from twinserve.engine.chat import render_chat
 from twinserve.engine.request import MAX_STOP_SEQUENCES, GenerateRequest
@@ -93,7 +93,7 @@ class ModelService:
                 )
             log.info("resolving model", extra={"model": cfg.model, "revision": cfg.revision})
             resolved = resolve_model(cfg.model, cfg.revision)
-            engine_config = self._with_card(cfg, resolved).engine_config(str(resolved.path))
+            engine_config = self._engine_config(cfg, resolved)
             started = time.monotonic()
             engine = AsyncEngine.launch(engine_config, warmup=cfg.warmup)
             self._watch(engine)
@@ -132,6 +132,18 @@ class ModelService:
         self.state = ServiceState.FAILED
         if self.on_fatal is not None:
             self.on_fatal()
+
+    def _engine_config(self, cfg: ServeConfig, resolved: ResolvedModel) -> EngineConfig:
+        """The engine's config for the resolved folder, with the model card applied.
+
+        A registry version carries the content hash its files were verified against on resolve:
+        the loader reports it instead of hashing the weights a second time. Folders and Hub
+        snapshots have no recorded hash, so the loader computes theirs.
+        """
+        engine_config = self._with_card(cfg, resolved).engine_config(str(resolved.path))
+        if resolved.content_sha256 is None:
+            return engine_config
+        return engine_config.model_copy(update={"weights_sha256": resolved.content_sha256})
 
     def _with_card(self, cfg: ServeConfig, resolved: ResolvedModel) -> ServeConfig:
         """Apply the model card: its generation defaults, and its serving limits and quantization

@@ -11,7 +11,7 @@ import torch
 from tests.factories import engine_config
 from twinserve.engine.factory import build_engine
 from twinserve.engine.layers import DynamicInt8Linear, PackedBf16Linear, make_linear
-from twinserve.engine.loader import load_model, resolve_dtype
+from twinserve.engine.loader import hash_weights, load_model, resolve_dtype, safetensors_files
 from twinserve.engine.request import GenerateRequest, SamplingParams
 from twinserve.errors import ModelLoadError, NotFoundError
 
@@ -37,6 +37,14 @@ def test_unsupported_architecture_is_a_clear_error(tiny_model_dir: Path, tmp_pat
     (folder / "config.json").write_text(cfg)
     with pytest.raises(ModelLoadError):
         load_model(engine_config(folder))
+
+
+def test_weights_are_hashed_unless_their_hash_is_given(tiny_model_dir: Path) -> None:
+    computed = load_model(engine_config(tiny_model_dir)).weights_sha256
+    assert computed == hash_weights(safetensors_files(tiny_model_dir))
+    # a registry version's hash, verified on resolve, is reported as given: not hashed again
+    given = "ab" * 32
+    assert load_model(engine_config(tiny_model_dir, weights_sha256=given)).weights_sha256 == given
 
 
 def test_auto_dtype_is_a_real_dtype() -> None:

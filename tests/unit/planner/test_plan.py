@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError as PydanticValidationError
 
-from twinserve.endpoints.spec import EndpointConfig
+from twinserve.deploy.spec import EndpointConfig
 from twinserve.planner.deployment import DeploymentType
 from twinserve.planner.instances import get_instance
 from twinserve.planner.model_shape import preset

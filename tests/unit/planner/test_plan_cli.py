@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from twinserve.cli.main import app
-from twinserve.endpoints.spec import EndpointConfig
+from twinserve.deploy.spec import EndpointConfig
 
 runner = CliRunner()
 BOOK = ["plan", "--preset", "llama-3.1-8b", "--prompt-tokens", "1500", "--output-tokens", "500"]

@@ -80,3 +80,14 @@ def test_card_limits_apply_where_nothing_else_set_them(tiny_model_dir: Path) -> 
     bare = ServeConfig(model=str(tiny_model_dir))
     applied = ModelService(bare)._with_card(bare, resolved)
     assert (applied.max_input_tokens, applied.max_total_tokens) == (100, 200)
+
+
+def test_a_registry_versions_verified_hash_reaches_the_loader(tiny_model_dir: Path) -> None:
+    config = serve_config(tiny_model_dir)
+    service = ModelService(config)
+    pinned = ResolvedModel(
+        tiny_model_dir, "models:/llm-twin/3", registry_name="llm-twin", content_sha256="cd" * 32
+    )
+    assert service._engine_config(config, pinned).weights_sha256 == "cd" * 32
+    folder = ResolvedModel(tiny_model_dir, str(tiny_model_dir))  # no recorded hash: the loader hashes
+    assert service._engine_config(config, folder).weights_sha256 is None

@@ -1,1 +1,0 @@
-"""Real-time endpoints: config (spec), persisted state, runtimes that run replicas, the router."""

@@ -1,0 +1,73 @@
+"""An endpoint's long-lived helper processes: its router and its controller.
+
+Both must outlive the CLI that started them, so they run detached (their own session, output
+to a log file in the endpoint's folder) and are found again by the pid in the state store.
+Before a recorded pid is trusted it must still run our module for this endpoint: pids are
+reused, and a stale record must never make us signal someone else's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twinserve.platforms.local.processes import has_option, kill_group, live_cmdline, terminate
+
+
+def configure_logging() -> None:
+    """One log format for the helper processes' log files; httpx's line per health probe (every
+    second, per replica) would bury the lines that matter."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@dataclass
+class Daemon:
+    """One kind of helper process: `python -m <module> --endpoint NAME …`, logging to `log_name`."""
+
+    module: str
+    log_name: str
+    # children started by this process: waited on, so none lingers here as a zombie
+    _children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, endpoint: str, args: list[str], log_dir: Path) -> subprocess.Popen[bytes]:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        old = self._children.pop(endpoint, None)
+        if old is not None:
+            old.poll()  # reap a predecessor that died
+        cmd = [sys.executable, "-m", self.module, "--endpoint", endpoint, *args]
+        with (log_dir / self.log_name).open("ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._children[endpoint] = proc
+        return proc
+
+    def is_ours(self, pid: int | None, endpoint: str) -> bool:
+        """`pid` is alive and runs this module for `endpoint`."""
+        cmdline = live_cmdline(pid)
+        return cmdline is not None and self.module in cmdline and has_option(cmdline, "--endpoint", endpoint)
+
+    def exited(self, endpoint: str) -> int | None:
+        """Exit code of the child this process started for `endpoint`; None if running or not ours."""
+        proc = self._children.get(endpoint)
+        return None if proc is None else proc.poll()
+
+    def stop(self, endpoint: str, pid: int | None, timeout: float) -> None:
+        """SIGTERM (it drains and exits 0), then SIGKILL its group after `timeout`; idempotent."""
+        proc = self._children.pop(endpoint, None)
+        if proc is not None and proc.pid == pid:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    kill_group(proc.pid)
+                    proc.wait(10)
+            return
+        if proc is not None:
+            proc.poll()
+        if pid is not None and self.is_ours(pid, endpoint):
+            terminate(pid, timeout)

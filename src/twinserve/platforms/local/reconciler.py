@@ -1,0 +1,161 @@
+"""Reconciling an endpoint: make its processes match its state, after whatever happened.
+
+Run every few seconds by the endpoint's controller and by `twinserve endpoint reconcile`
+(after a crash or a reboot of the control plane). In order:
+1. an operation whose process died is recovered: an unfinished create → Failed and stopped;
+   an uncommitted update → rolled back; a committed update, a scale → the steps below converge;
+2. replicas of an old generation are retired;
+3. a dead replica is replaced; a live one failing `/health` for 30 s (seen by repeated calls)
+   is replaced;
+4. each variant's live replicas are brought to its desired count;
+5. a dead router is restarted on the same port (the URL stays), and on request a dead
+   controller.
+A cheap read-only look comes first; the endpoint is taken (as operation "reconcile") only when
+something needs doing, so a healthy endpoint costs a few probes and no writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaState
+from twinserve.errors import BusyError, NotFoundError
+from twinserve.platforms.local.processes import running
+from twinserve.platforms.local.rollout import abandon_target
+
+if TYPE_CHECKING:
+    from twinserve.platforms.local.platform import LocalPlatform, Progress
+
+UNHEALTHY_GRACE_S = 30.0  # a live replica failing /health this long is replaced
+LIVE = (ReplicaState.STARTING, ReplicaState.HEALTHY, ReplicaState.UNHEALTHY)
+
+
+class Reconciler:
+    """Reconciles one manager's endpoints; remembers since when a replica has been unhealthy."""
+
+    def __init__(self, manager: LocalPlatform) -> None:
+        self.manager = manager
+        self._unhealthy_since: dict[str, float] = {}
+
+    def reconcile(self, name: str, *, ensure_controller: bool = False, progress: Progress) -> list[str]:
+        """Make the processes match the state; returns what it did, in words.
+
+        Recovers an operation whose process died, retires replicas of stale generations,
+        replaces dead replicas (and live ones failing `/health` for 30 s, when called
+        repeatedly by the controller), starts or stops replicas to meet the desired counts,
+        restarts a dead router on the same URL and, with `ensure_controller`, a dead controller.
+        """
+        actions: list[str] = []
+
+        def did(message: str) -> None:
+            actions.append(message)
+            progress(message)
+
+        ep = self.manager.store.get_endpoint(name)
+        if ep.operation is not None:
+            if ep.operation_pid is not None and running(ep.operation_pid):
+                return actions  # someone is working on it
+            self._recover(ep, did)
+            try:
+                ep = self.manager.store.get_endpoint(name)
+            except NotFoundError:
+                return actions
+        if ep.status is not EndpointStatus.IN_SERVICE:
+            return actions
+        if not self._needs_reconcile(ep, ensure_controller):
+            return actions  # the common case: probed, nothing written
+        try:
+            ep = self.manager.store.begin_operation(name, "reconcile")
+        except BusyError:
+            return actions
+        try:
+            self._reconcile_replicas(ep, did)
+            ep = self.manager.store.get_endpoint(name)
+            if not self.manager.router_alive(ep):
+                did("the router was down; restarting it")
+                self.manager.start_router(ep)
+            if ensure_controller and not self.manager.controller_alive(ep):
+                did("the controller was down; restarting it")
+                self.manager.start_controller(name)
+        except Exception as exc:
+            with contextlib.suppress(NotFoundError):
+                self.manager.store.end_operation(
+                    name, EndpointStatus.IN_SERVICE, reason=f"reconcile failed: {exc}"
+                )
+            raise
+        self.manager.store.end_operation(name, EndpointStatus.IN_SERVICE)
+        return actions
+
+    def _needs_reconcile(self, ep: Endpoint, ensure_controller: bool) -> bool:
+        """A read-only look (probes, no writes): is any replica, the router or the controller off?"""
+        replicas = self.manager.runtime.find_replicas(ep.name)
+        now = time.monotonic()
+        for r in replicas:
+            if r.generation != ep.generation or r.state is ReplicaState.STOPPED:
+                return True
+            if r.state is ReplicaState.UNHEALTHY:
+                if now - self._unhealthy_since.setdefault(r.id, now) >= UNHEALTHY_GRACE_S:
+                    return True
+            else:
+                self._unhealthy_since.pop(r.id, None)
+        for v in ep.config.variants:
+            if sum(r.variant == v.name and r.state in LIVE for r in replicas) != ep.desired(v.name):
+                return True
+        if ensure_controller and not self.manager.controller_alive(ep):
+            return True
+        return not self.manager.router_alive(ep)
+
+    def _recover(self, ep: Endpoint, did: Progress) -> None:
+        """Finish or undo what an operation whose process died left behind."""
+        name, op = ep.name, ep.operation
+        did(f"recovering an interrupted {op} (pid {ep.operation_pid} is gone)")
+        if op == "create":
+            self.manager.stop_all(name, ep.config.drain_timeout_s)
+            self.manager.store.end_operation(
+                name,
+                EndpointStatus.FAILED,
+                reason=f"the create was interrupted (pid {ep.operation_pid} stopped)",
+            )
+        elif op == "delete":
+            self.manager.delete(name)
+        elif op == "update" and ep.target is not None:  # not committed: back to the serving generation
+            abandon_target(self.manager, name, "the update was interrupted; rolled back")
+        else:  # a committed update, a scale, a reconcile: the next steps converge
+            self.manager.store.end_operation(name, EndpointStatus.IN_SERVICE)
+
+    def _reconcile_replicas(self, ep: Endpoint, did: Progress) -> None:
+        name = ep.name
+        replicas = self.manager.runtime.find_replicas(name)
+        stale = [r for r in replicas if r.generation != ep.generation and r.state.is_live]
+        if stale:
+            did(f"retiring {len(stale)} replica(s) of an old generation")
+            self.manager.retire(name, stale, ep.config.drain_timeout_s)
+        now = time.monotonic()
+        for record in replicas:
+            if record.generation != ep.generation:
+                continue
+            if record.state is ReplicaState.STOPPED:
+                did(f"replica {record.id} died; replacing it")
+                self.manager.runtime.stop_replica(record, 0)  # forgets it (and reaps it if it was our child)
+            elif record.state is ReplicaState.UNHEALTHY:
+                since = self._unhealthy_since.setdefault(record.id, now)
+                if now - since >= UNHEALTHY_GRACE_S:
+                    did(f"replica {record.id} failed /health for {now - since:.0f}s; replacing it")
+                    self._unhealthy_since.pop(record.id, None)
+                    # alive: out of the router first, in-flight requests may finish
+                    self.manager.retire(name, [record], ep.config.drain_timeout_s)
+            else:
+                self._unhealthy_since.pop(record.id, None)
+        remaining = self.manager.store.replicas(name)  # after the removals above; probed just now
+        for v in ep.config.variants:
+            desired = ep.desired(v.name)
+            live = [
+                r
+                for r in remaining
+                if r.variant == v.name and r.generation == ep.generation and r.state in LIVE
+            ]
+            if len(live) != desired:
+                did(f"{v.name}: {len(live)} live replica(s), {desired} desired")
+                self.manager.converge(name, v.name, desired, ep, did)

@@ -1,0 +1,120 @@
+"""An endpoint's router as its own process: `python -m twinserve.platforms.local.router.process`.
+
+The router must outlive the CLI that created the endpoint, so it runs detached (its own
+session), serves `create_router_app(pool)` on 127.0.0.1:PORT with uvicorn, and keeps the
+pool in step with the state store: every `--sync-interval` seconds the endpoint's replica
+rows in state starting/healthy become the pool's `ReplicaSpec`s, grouped by variant and
+generation (`name@N`, so blue and green are separate groups), and `Endpoint.traffic_weights`
+the groups' weights (the variants' weights, shifted to the target during an update). The store says who *exists*; the pool's own health checker decides who
+gets traffic. SIGTERM drains in-flight requests (uvicorn's graceful shutdown) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+
+from twinserve.deploy.spec import ReplicaState
+from twinserve.deploy.state import StateStore
+from twinserve.errors import NotFoundError
+from twinserve.platforms.local.daemons import configure_logging
+from twinserve.platforms.local.router.app import RouterApp, create_router_app
+from twinserve.platforms.local.router.metrics import metrics_exposition
+from twinserve.platforms.local.router.pool import ReplicaPool, ReplicaSpec
+
+log = logging.getLogger("twinserve.router")
+
+MODULE = "twinserve.platforms.local.router.process"
+_ROUTED_STATES = (ReplicaState.STARTING, ReplicaState.HEALTHY)
+
+
+def sync_pool(store: StateStore, name: str, pool: ReplicaPool) -> bool:
+    """Make the pool's membership and weights match the store; True if the membership changed."""
+    try:
+        endpoint = store.get_endpoint(name)
+    except NotFoundError:
+        # deleted meanwhile: the control plane is about to stop us; keep serving what is left
+        return False
+    specs = [
+        ReplicaSpec(id=r.id, url=r.url, variant=r.traffic_group)
+        for r in endpoint.replicas
+        if r.state in _ROUTED_STATES
+    ]
+    before = {(r.id, r.url) for r in pool.replicas()}
+    pool.set_replicas(specs, weights=endpoint.traffic_weights())
+    return before != {(s.id, s.url) for s in specs}
+
+
+class PoolSync:
+    """A daemon thread running `sync_pool` every `interval` s (the pool is thread-safe)."""
+
+    def __init__(self, store: StateStore, name: str, app: RouterApp, interval: float) -> None:
+        self.store, self.name, self.app, self.interval = store, name, app, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if sync_pool(self.store, self.name, self.app.pool) and self.app.health is not None:
+                    self.app.health.check_soon()  # new replicas take traffic at once, not next round
+            except Exception:  # a store hiccup must not stop syncing for good
+                log.exception("syncing the replica pool failed")
+
+
+def run(
+    name: str, port: int, state: Path | None, *, sync_interval: float = 0.5, drain_s: float = 30.0
+) -> None:
+    """Serve the router until SIGTERM/SIGINT."""
+    import uvicorn
+
+    store = StateStore(state)
+    endpoint = store.get_endpoint(name)  # NotFoundError: nothing to route
+    key = endpoint.config.api_key
+    pool = ReplicaPool()
+    sync_pool(store, name, pool)  # before lifespan: its first health round sees the replicas
+    app = create_router_app(
+        pool,
+        api_key=key.get_secret_value() if key else None,
+        payload_limit=endpoint.config.payload_limit,
+        metrics=lambda: metrics_exposition(pool, store, name),
+    )
+    syncer = PoolSync(store, name, app, sync_interval)
+    syncer.start()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=False,  # the control plane polls /health; replicas log the real requests
+        log_level="info",
+        timeout_graceful_shutdown=max(1, round(drain_s)),
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        syncer.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", required=True, help="Endpoint name in the state store.")
+    parser.add_argument("--port", type=int, required=True, help="Port on 127.0.0.1.")
+    parser.add_argument("--state", type=Path, default=None, help="State store file (default: under home).")
+    parser.add_argument("--sync-interval", type=float, default=0.5, help="Seconds between store reads.")
+    parser.add_argument("--drain", type=float, default=30.0, help="Seconds in-flight requests may finish.")
+    args = parser.parse_args(argv)
+    configure_logging()
+    run(args.endpoint, args.port, args.state, sync_interval=args.sync_interval, drain_s=args.drain)
+
+
+if __name__ == "__main__":
+    main()
