@@ -140,6 +140,13 @@ class ModelLoadError(ServerError):
     error_type = "model_load"
 
 
+class UpdateRolledBackError(ModelLoadError):
+    """An endpoint update did not become healthy (or failed while baking) and was rolled back:
+    the old version still serves (raised by every platform)."""
+
+    error_type = "update_rolled_back"
+
+
 class EngineDeadError(ServerError):
     """The engine loop stopped and cannot serve any request; health turns unhealthy."""
 

@@ -23,9 +23,9 @@ from twinserve.bench.endpoint_bench import LoadClients
 from twinserve.client import LLMClient
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaState
 from twinserve.deploy.state import StateStore
+from twinserve.errors import UpdateRolledBackError
 from twinserve.platforms.local.local_runtime import LocalRuntime
 from twinserve.platforms.local.platform import LocalPlatform
-from twinserve.platforms.local.rollout import UpdateRolledBackError
 from twinserve.platforms.local.router.app import REPLICA_HEADER
 from twinserve.registry.store import ModelRegistry
 

@@ -31,17 +31,11 @@ from twinserve.deploy.spec import (
     VariantConfig,
     VariantState,
 )
-from twinserve.errors import ModelLoadError, NotFoundError, ValidationError
+from twinserve.errors import ModelLoadError, NotFoundError, UpdateRolledBackError, ValidationError
 from twinserve.platforms.local.router.client import ROUTER_SEES_S, RouterClient
 
 if TYPE_CHECKING:
     from twinserve.platforms.local.platform import LocalPlatform, Progress
-
-
-class UpdateRolledBackError(ModelLoadError):
-    """The new version did not become healthy (or failed while baking); the old one still serves."""
-
-    error_type = "update_rolled_back"
 
 
 def update(

@@ -15,10 +15,9 @@ import pytest
 from tests.factories import tiny_llama_dir
 from tests.servers import process_gone
 from twinserve.deploy.spec import EndpointConfig, EndpointStatus, ReplicaState
-from twinserve.errors import BusyError, ValidationError
+from twinserve.errors import BusyError, UpdateRolledBackError, ValidationError
 from twinserve.platforms.local.platform import LocalPlatform
 from twinserve.platforms.local.processes import running
-from twinserve.platforms.local.rollout import UpdateRolledBackError
 
 
 @pytest.fixture(scope="module")
