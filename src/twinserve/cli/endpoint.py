@@ -329,7 +329,7 @@ def update_command(
 ) -> None:
     """Blue/green: start the new version beside the old, shift traffic (in canary steps), drain the
     old; if the new version does not come up healthy, roll back and keep serving the old one."""
-    from twinserve.deploy.spec import PlatformConfig
+    from twinserve.deploy.platform_config import PlatformConfig
 
     if (model is None) == (config is None):
         _fail("give --model REF or --config FILE.yaml", 2)
@@ -402,7 +402,7 @@ def autoscale_command(
     off: bool = typer.Option(False, "--off", help="Remove the policy (fixed replica counts)."),
 ) -> None:
     """Apply an autoscaling policy to a running endpoint (or remove it with --off)."""
-    from twinserve.deploy.spec import TargetTrackingPolicy
+    from twinserve.deploy.policies import TargetTrackingPolicy
 
     if (bounds is None) == (not off):
         _fail("give --autoscale MIN..MAX or --off", 2)

@@ -50,13 +50,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from twinserve.deploy.spec import (
+from twinserve.deploy.policies import (
     AutoscalingPolicy,
-    ScalingEvent,
     StepAdjustment,
     StepScalingPolicy,
     TargetTrackingPolicy,
 )
+from twinserve.deploy.spec import ScalingEvent
 
 CONCURRENCY = "concurrent_requests_per_replica"
 INVOCATIONS = "invocations_per_replica_per_minute"

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from twinserve.client.transport import Transport
-    from twinserve.deploy.spec import AutoscalingPolicy, Endpoint, EndpointConfig, PlatformName
+    from twinserve.deploy.platform_config import PlatformName
+    from twinserve.deploy.policies import AutoscalingPolicy
+    from twinserve.deploy.spec import Endpoint, EndpointConfig
 
 Progress = Callable[[str], None]
 TrafficShifting = Literal["weights", "canary", "all_at_once"]

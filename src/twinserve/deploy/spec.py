@@ -18,20 +18,20 @@ import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from twinserve.config import Dtype, Quantize
 from twinserve.deploy.pinning import PinnedModel
+from twinserve.deploy.platform_config import PlatformConfig
+from twinserve.deploy.policies import AutoscalingPolicy
 
 # RFC 1123 label: it becomes part of URLs, log folders and (later) SageMaker endpoint names
 _DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 MASKED_SECRET = "**********"
-
-ScalingMetric = Literal["concurrent_requests_per_replica", "invocations_per_replica_per_minute"]
 
 
 def utcnow() -> datetime:
@@ -124,204 +124,6 @@ class VariantConfig(BaseModel):
     def load_ref(self) -> str:
         """What a replica loads: the pin when there is one, else the reference as given."""
         return self.pinned.load_ref if self.pinned is not None else self.model
-
-
-class TargetTrackingPolicy(BaseModel):
-    """Keep a per-replica metric near `target` (SageMaker target tracking, Ray Serve target_ongoing_requests)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["target_tracking"] = Field("target_tracking", description="Discriminator.")
-    variant: str | None = Field(None, description="Variant it scales; None = each variant on its own.")
-    metric: ScalingMetric = Field(
-        "concurrent_requests_per_replica",
-        description=(
-            "concurrent_requests_per_replica (SageMaker ConcurrentRequestsPerModel) or "
-            "invocations_per_replica_per_minute (SageMakerVariantInvocationsPerInstance)."
-        ),
-    )
-    target: float = Field(gt=0, description="Desired metric value per replica.")
-    min_replicas: int = Field(1, ge=0, description="Lower bound; 0 only for endpoints with a queue (async).")
-    max_replicas: int = Field(ge=1, le=64, description="Upper bound; >= min_replicas.")
-    scale_out_cooldown_s: float = Field(60.0, ge=0, description="Wait after a scale-out before the next one.")
-    scale_in_cooldown_s: float = Field(300.0, ge=0, description="Wait after any scaling before a scale-in.")
-    lookback_s: float = Field(60.0, gt=0, description="Window the metric is averaged over.")
-    disable_scale_in: bool = Field(False, description="Only ever add replicas (scale in by hand).")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> TargetTrackingPolicy:
-        _check_bounds(self.min_replicas, self.max_replicas)
-        return self
-
-
-class StepAdjustment(BaseModel):
-    """One step: when `metric - threshold` lies in [lower, upper), change capacity by `scaling_adjustment`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    metric_interval_lower_bound: float | None = Field(
-        None, description="Inclusive, relative to the threshold; None = minus infinity."
-    )
-    metric_interval_upper_bound: float | None = Field(
-        None, description="Exclusive, relative to the threshold; None = plus infinity."
-    )
-    scaling_adjustment: int = Field(
-        description="Replicas to add (negative: remove), a percent, or the exact count (by adjustment_type)."
-    )
-
-    @model_validator(mode="after")
-    def _interval(self) -> StepAdjustment:
-        lo, hi = self.metric_interval_lower_bound, self.metric_interval_upper_bound
-        if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"step interval is empty: lower bound {lo} >= upper bound {hi}")
-        return self
-
-
-class StepScalingPolicy(BaseModel):
-    """Scale by steps of a metric's distance to a threshold (SageMaker StepScalingPolicyConfiguration)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["step_scaling"] = Field("step_scaling", description="Discriminator.")
-    variant: str | None = Field(None, description="Variant it scales; None = each variant on its own.")
-    metric: ScalingMetric = Field("concurrent_requests_per_replica", description="See TargetTrackingPolicy.")
-    threshold: float = Field(description="Alarm threshold the step bounds are relative to.")
-    adjustment_type: Literal["ChangeInCapacity", "PercentChangeInCapacity", "ExactCapacity"] = Field(
-        "ChangeInCapacity", description="How scaling_adjustment is read (SageMaker's names)."
-    )
-    step_adjustments: list[StepAdjustment] = Field(
-        min_length=1, description="Non-overlapping intervals; at most one open below and one open above."
-    )
-    min_adjustment_magnitude: int | None = Field(
-        None, ge=1, description="Least replicas a PercentChangeInCapacity step changes."
-    )
-    cooldown_s: float = Field(60.0, ge=0, description="Wait after a scaling activity before the next one.")
-    lookback_s: float = Field(60.0, gt=0, description="Window the metric is averaged over.")
-    min_replicas: int = Field(1, ge=0, description="Lower bound; 0 only for endpoints with a queue (async).")
-    max_replicas: int = Field(ge=1, le=64, description="Upper bound; >= min_replicas.")
-
-    @model_validator(mode="after")
-    def _steps(self) -> StepScalingPolicy:
-        _check_bounds(self.min_replicas, self.max_replicas)
-        inf = float("inf")
-        spans = sorted(
-            (
-                -inf if s.metric_interval_lower_bound is None else s.metric_interval_lower_bound,
-                inf if s.metric_interval_upper_bound is None else s.metric_interval_upper_bound,
-            )
-            for s in self.step_adjustments
-        )
-        for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False):
-            if lo < hi:
-                raise ValueError(f"step intervals overlap around {lo:g} (relative to the threshold)")
-        if self.min_adjustment_magnitude is not None and self.adjustment_type != "PercentChangeInCapacity":
-            raise ValueError("min_adjustment_magnitude applies only to PercentChangeInCapacity")
-        return self
-
-    def step_for(self, metric_value: float) -> StepAdjustment | None:
-        """The step whose interval holds `metric_value - threshold`, if any."""
-        delta = metric_value - self.threshold
-        for step in self.step_adjustments:
-            lo, hi = step.metric_interval_lower_bound, step.metric_interval_upper_bound
-            if (lo is None or delta >= lo) and (hi is None or delta < hi):
-                return step
-        return None
-
-
-def _check_bounds(lo: int, hi: int) -> None:
-    if hi < lo:
-        raise ValueError(f"max_replicas ({hi}) must be >= min_replicas ({lo})")
-
-
-AutoscalingPolicy = Annotated[TargetTrackingPolicy | StepScalingPolicy, Field(discriminator="type")]
-
-PlatformName = Literal["local", "sagemaker"]
-_SAGEMAKER_ARN = r"^arn:aws[a-z-]*:"
-
-
-class SageMakerSettings(BaseModel):
-    """Where and how the `sagemaker` platform deploys (the Hugging Face LLM DLC, i.e. TGI's image).
-
-    None fields are filled at deploy time: the region and account from boto3's usual chain, the
-    instance type and TGI limits from `twinserve plan`, the image from the DLC table.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    region: str | None = Field(None, description="AWS region; None = boto3's (AWS_REGION, ~/.aws/config).")
-    role_arn: str | None = Field(
-        None,
-        pattern=_SAGEMAKER_ARN,
-        description="Execution role SageMaker assumes; None = $SAGEMAKER_ROLE_ARN (required at create).",
-    )
-    instance_type: str | None = Field(
-        None,
-        pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
-        description="e.g. ml.g5.2xlarge; None = the planner's pick.",
-    )
-    image: str | None = Field(None, min_length=1, description="Container image URI; None = the HF LLM DLC.")
-    tgi_version: str | None = Field(None, description="DLC TGI version; None = the pinned default.")
-    hf_token_secret: str | None = Field(
-        None,
-        pattern=_SAGEMAKER_ARN,
-        description="Secrets Manager ARN holding a Hub token (gated models); never stored or printed.",
-    )
-    model_data_bucket: str | None = Field(
-        None, min_length=3, description="S3 bucket for uploaded weights; None = sagemaker-{region}-{account}."
-    )
-    model_data_prefix: str = Field("twinserve/models", description="Key prefix under the bucket.")
-    messages_api: bool = Field(
-        True, description="MESSAGES_API_ENABLED: the OpenAI chat route on /invocations."
-    )
-    startup_health_check_timeout_s: int | None = Field(
-        None,
-        ge=60,
-        le=3600,
-        description="ContainerStartupHealthCheckTimeoutInSeconds; None = sized to the model.",
-    )
-    model_data_download_timeout_s: int | None = Field(
-        None, ge=60, le=3600, description="ModelDataDownloadTimeoutInSeconds; None = sized to the model."
-    )
-    tags: dict[str, str] = Field(default_factory=dict, description="Tags on every resource created.")
-    mode: Literal["realtime", "async"] = Field(
-        "realtime", description="realtime (InvokeEndpoint); async is not implemented yet and is refused."
-    )
-    model_source: Literal["auto", "s3"] = Field(
-        "auto",
-        description=(
-            "auto: Hub models (and registry versions imported from the Hub) load from the Hub in the "
-            "container, others from S3; s3: registry versions always from S3 (endpoints without internet)."
-        ),
-    )
-    termination_wait_s: int = Field(
-        0, ge=0, le=3600, description="Update: TerminationWaitInSeconds, the old fleet kept after the shift."
-    )
-    max_execution_timeout_s: int | None = Field(
-        None, ge=600, le=28800, description="Update: MaximumExecutionTimeoutInSeconds; None = sized."
-    )
-    rollback_5xx_errors: int = Field(
-        1, ge=1, description="Update: Invocation5XXErrors in one minute that roll the update back."
-    )
-    rollback_latency_s: float = Field(
-        30.0, gt=0, description="Update: average ModelLatency over one minute that rolls the update back."
-    )
-
-
-class PlatformConfig(BaseModel):
-    """Which platform runs the endpoint, with that platform's settings (`platform:` in the YAML)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: PlatformName = Field("local", description="local (processes on this machine) | sagemaker.")
-    sagemaker: SageMakerSettings | None = Field(None, description="Only with type: sagemaker.")
-
-    @model_validator(mode="after")
-    def _settings_match(self) -> PlatformConfig:
-        if self.sagemaker is not None and self.type != "sagemaker":
-            raise ValueError(f"platform.sagemaker is set but platform.type is {self.type!r}")
-        if self.type == "sagemaker" and self.sagemaker is None:
-            self.sagemaker = SageMakerSettings()
-        return self
 
 
 class EndpointConfig(BaseModel):

@@ -27,14 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from twinserve.config import get_settings
-from twinserve.deploy.spec import (
-    Endpoint,
-    EndpointStatus,
-    ReplicaRecord,
-    ReplicaState,
-    ScalingEvent,
-    utcnow,
-)
+from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaRecord, ReplicaState, ScalingEvent, utcnow
 from twinserve.errors import BusyError, ConflictError, NotFoundError
 from twinserve.platforms.local.processes import running
 

@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twinserve.config import Quantize
-from twinserve.deploy.spec import EndpointConfig, ServingLimits, TargetTrackingPolicy
+from twinserve.deploy.policies import TargetTrackingPolicy
+from twinserve.deploy.spec import EndpointConfig, ServingLimits
 from twinserve.errors import ValidationError
 from twinserve.planner.deployment import (
     ASYNC_TIMEOUT_S,

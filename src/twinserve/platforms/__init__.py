@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from twinserve.deploy.platform import Platform
-    from twinserve.deploy.spec import PlatformName
+    from twinserve.deploy.platform_config import PlatformName
     from twinserve.deploy.state import StateStore
 
 PLATFORMS: tuple[PlatformName, ...] = ("local", "sagemaker")

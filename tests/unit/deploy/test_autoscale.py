@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from twinserve.deploy.autoscale import Autoscaler, LoadSample, ScalingDecision
-from twinserve.deploy.spec import AutoscalingPolicy, StepScalingPolicy, TargetTrackingPolicy
+from twinserve.deploy.policies import AutoscalingPolicy, StepScalingPolicy, TargetTrackingPolicy
 
 
 class FakeClock:

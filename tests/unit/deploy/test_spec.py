@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from twinserve.deploy.policies import StepScalingPolicy, TargetTrackingPolicy
 from twinserve.deploy.spec import (
     MASKED_SECRET,
     Endpoint,
@@ -14,8 +15,6 @@ from twinserve.deploy.spec import (
     EndpointStatus,
     ReplicaState,
     ServingLimits,
-    StepScalingPolicy,
-    TargetTrackingPolicy,
 )
 
 FULL_YAML = """

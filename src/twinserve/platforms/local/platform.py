@@ -34,12 +34,12 @@ from pathlib import Path
 from twinserve.client.transport import Transport
 from twinserve.deploy.pinning import pin_config
 from twinserve.deploy.platform import Capabilities
+from twinserve.deploy.platform_config import PlatformName
+from twinserve.deploy.policies import AutoscalingPolicy
 from twinserve.deploy.spec import (
-    AutoscalingPolicy,
     Endpoint,
     EndpointConfig,
     EndpointStatus,
-    PlatformName,
     ReplicaRecord,
     ReplicaState,
     ScalingEvent,

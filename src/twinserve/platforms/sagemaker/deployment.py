@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from twinserve.deploy.spec import SageMakerSettings
+from twinserve.deploy.platform_config import SageMakerSettings
 from twinserve.errors import ValidationError
 from twinserve.platforms.sagemaker.names import rollback_alarm_names
 

@@ -22,15 +22,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twinserve.deploy.platform import Capabilities, Progress, quiet
-from twinserve.deploy.spec import (
-    AutoscalingPolicy,
-    Endpoint,
-    EndpointConfig,
-    EndpointStatus,
-    PlatformName,
-    ScalingEvent,
-    VariantState,
-)
+from twinserve.deploy.platform_config import PlatformName
+from twinserve.deploy.policies import AutoscalingPolicy
+from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ScalingEvent, VariantState
 from twinserve.deploy.state import StateStore
 from twinserve.errors import ModelLoadError, NotFoundError, TwinserveError, ValidationError
 from twinserve.platforms.local.processes import running

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from twinserve.deploy.pinning import PinnedModel, pin_model
-from twinserve.deploy.spec import EndpointConfig, SageMakerSettings, VariantConfig
+from twinserve.deploy.platform_config import SageMakerSettings
+from twinserve.deploy.spec import EndpointConfig, VariantConfig
 from twinserve.errors import NotFoundError, ValidationError
 from twinserve.planner.model_shape import ModelSource
 from twinserve.platforms.sagemaker import images, names

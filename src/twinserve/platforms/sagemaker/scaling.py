@@ -38,12 +38,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinserve.deploy.spec import (
-    EndpointConfig,
-    ScalingMetric,
-    StepScalingPolicy,
-    TargetTrackingPolicy,
-)
+from twinserve.deploy.policies import ScalingMetric, StepScalingPolicy, TargetTrackingPolicy
+from twinserve.deploy.spec import EndpointConfig
 
 POLICY_ARN_PLACEHOLDER = "${PolicyARN}"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"

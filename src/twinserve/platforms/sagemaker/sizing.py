@@ -18,7 +18,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from twinserve.deploy.spec import SageMakerSettings, VariantConfig
+from twinserve.deploy.platform_config import SageMakerSettings
+from twinserve.deploy.spec import VariantConfig
 from twinserve.errors import ValidationError
 from twinserve.planner.instances import CATALOG, InstanceType
 from twinserve.planner.model_shape import ModelSource

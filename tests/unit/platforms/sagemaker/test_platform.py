@@ -18,7 +18,8 @@ from tests.unit.platforms.sagemaker.conftest import (
     sm_config,
 )
 from twinserve.deploy.platform import Platform
-from twinserve.deploy.spec import EndpointStatus, StepScalingPolicy, TargetTrackingPolicy
+from twinserve.deploy.policies import StepScalingPolicy, TargetTrackingPolicy
+from twinserve.deploy.spec import EndpointStatus
 from twinserve.errors import ConflictError, UpdateRolledBackError, ValidationError
 from twinserve.platforms.sagemaker.images import dlc_image
 from twinserve.platforms.sagemaker.platform import SageMakerPlatform

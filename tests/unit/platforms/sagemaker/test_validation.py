@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from tests.unit.platforms.sagemaker.conftest import ROLE, Calls, emulate_update_endpoint, hub_model, sm_config
-from twinserve.deploy.spec import SageMakerSettings
+from twinserve.deploy.platform_config import SageMakerSettings
 from twinserve.errors import NotFoundError, TwinserveError, ValidationError
 from twinserve.platforms.sagemaker import images, names
 from twinserve.platforms.sagemaker.deployment import traffic_routing
