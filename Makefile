@@ -31,8 +31,10 @@ model: venv
 up: venv model
 	$(BIN)/twinserve up
 
+# two workers, a test file each at a time: most tests wait on model processes starting, so two
+# files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -221,6 +221,60 @@ def endpoint_command(
         raise typer.Exit(1)
 
 
+@app.command("batch")
+def batch_command(
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the default model)."
+    ),
+    records: int = typer.Option(256, "--records", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    concurrency: int = typer.Option(32, "--concurrency", min=1, help="Real-time side: requests in flight."),
+    batch_concurrency: int = typer.Option(
+        64, "--batch-concurrency", min=1, help="Batch side: records in flight."
+    ),
+    threads: int = typer.Option(2, "--threads", min=1),
+    dtype: str = typer.Option("auto", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Batch transform in-process vs the same chat records on `twinserve serve` (tokens/s, ratio)."""
+    from twinserve.bench.batch_bench import BatchBenchConfig, run_batch_bench
+
+    cfg = BatchBenchConfig.model_validate(
+        {
+            "model": str(_model_or_default(model)),
+            "records": records,
+            "max_new_tokens": max_new_tokens,
+            "concurrency": concurrency,
+            "batch_concurrency": batch_concurrency,
+            "threads": threads,
+            "dtype": dtype,
+        }
+    )
+    with err.status("benchmarking …") as status:
+        report = run_batch_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    table = Table(title=f"{records} chat records × {max_new_tokens} new tokens, greedy, {threads} threads")
+    for column in ("side", "in flight", "seconds", "generated tokens", "tok/s", "failed"):
+        table.add_column(column, justify="left" if column == "side" else "right")
+    for name, side, flight in (
+        ("batch transform (in-process)", report.batch, batch_concurrency),
+        ("real-time server (HTTP, streaming)", report.realtime, concurrency),
+    ):
+        table.add_row(
+            name,
+            str(flight),
+            f"{side.seconds:.1f}",
+            str(side.generated_tokens),
+            f"{side.tokens_per_s:.1f}",
+            str(side.failed),
+        )
+    out.print(table)
+    mark = "[green]meets[/green]" if report.ratio >= 1.1 else "[red]misses[/red]"
+    out.print(f"batch ÷ real-time: {report.ratio:.2f}x (goal ≥ 1.1x) {mark}")
+
+
 def _model_or_default(model: Path | None) -> Path:
     if model is not None:
         return model

@@ -130,6 +130,8 @@ def _usage(name: str, url: str, runtime_api: str | None = None) -> str:
                 if runtime_api
                 else []
             ),
+            "  batch:  twinserve batch create JOB --model models:/llm-twin@champion --input FILE.jsonl "
+            "--output DIR   (offline, in-process; docs/batch.md)",
             f"  status: twinserve endpoint describe {name}    load test: twinserve bench serve --url {url} "
             "--api openai --chat --concurrency 16",
             "serving until Ctrl-C (then the endpoint is deleted)",

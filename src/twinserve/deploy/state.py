@@ -26,6 +26,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from twinserve import sqlite_db
 from twinserve.config import get_settings
 from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaRecord, ReplicaState, ScalingEvent, utcnow
 from twinserve.errors import BusyError, ConflictError, NotFoundError
@@ -79,29 +80,14 @@ class StateStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        # one connection per operation: nothing to share between threads or across fork
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        try:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
+        with sqlite_db.connect(self.path, self.busy_timeout_s, synchronous="NORMAL", wal=True) as db:
             yield db
-        finally:
-            db.close()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the lock from its first statement."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            if db.in_transaction:
-                db.execute("COMMIT")
+        """A write transaction that holds the lock from its first statement."""
+        with self._connect() as db, sqlite_db.write_transaction(db):
+            yield db
 
     # --- endpoints ---
 

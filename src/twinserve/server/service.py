@@ -133,6 +133,11 @@ class ModelService:
         if self.on_fatal is not None:
             self.on_fatal()
 
+    def engine_config_for(self, resolved: ResolvedModel) -> EngineConfig:
+        """The engine config `resolved` loads with here (card applied, as `_load` does), for an
+        in-process caller that launches the engine itself (batch transform)."""
+        return self._engine_config(self.config, resolved)
+
     def _engine_config(self, cfg: ServeConfig, resolved: ResolvedModel) -> EngineConfig:
         """The engine's config for the resolved folder, with the model card applied.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -426,10 +427,60 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(final: TokenEvent) -> Usage:
+def usage_of(finals: Sequence[TokenEvent], n: int) -> Usage:
+    """Each prompt's tokens once (not once per choice), every choice's completion tokens."""
+    prompt = sum(f.details.prompt_tokens for f in finals[::n] if f.details is not None)
+    completion = sum(f.details.generated_tokens for f in finals if f.details is not None)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def chat_logprobs(final: TokenEvent) -> ChoiceLogprobs:
     assert final.details is not None
-    prompt, generated = final.details.prompt_tokens, final.details.generated_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+    pairs = zip(final.details.tokens, final.details.top_tokens, strict=False)
+    return ChoiceLogprobs(content=[token_logprob(t, top) for t, top in pairs])
+
+
+def chat_completion(
+    finals: Sequence[TokenEvent], *, id: str, created: int, model: str, logprobs: bool, n: int
+) -> ChatCompletion:
+    """The whole (not streamed) chat answer of finished choices: the route's and batch's alike."""
+    choices = [
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=final.generated_text or ""),
+            logprobs=chat_logprobs(final) if logprobs else None,
+            finish_reason=finish_reason(final.finish_reason),
+        )
+        for index, final in enumerate(finals)
+    ]
+    return ChatCompletion(id=id, created=created, model=model, choices=choices, usage=usage_of(finals, n))
+
+
+def text_completion(
+    finals: Sequence[TokenEvent],
+    echoes: Sequence[str],
+    *,
+    id: str,
+    created: int,
+    model: str,
+    logprobs: bool,
+    n: int,
+) -> Completion:
+    """The whole completions answer: each choice's echoed prompt (or "") + its text."""
+    choices = []
+    for index, (final, echo) in enumerate(zip(finals, echoes, strict=True)):
+        scores = None
+        if logprobs and final.details is not None:
+            scores = completion_logprobs(final.details.tokens, final.details.top_tokens, len(echo))
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=echo + (final.generated_text or ""),
+                logprobs=scores,
+                finish_reason=finish_reason(final.finish_reason),
+            )
+        )
+    return Completion(id=id, created=created, model=model, choices=choices, usage=usage_of(finals, n))
 
 
 def token_logprob(token: Token, top: list[Token]) -> TokenLogprob:

@@ -120,17 +120,6 @@ async def _finals(request: Request, generations: list[Generation]) -> list[Token
         _close(generations)
 
 
-def _usage(finals: Sequence[TokenEvent], n: int) -> oai.Usage:
-    """Each prompt's tokens once (not once per choice), every choice's completion tokens."""
-    prompt = sum(_prompt_tokens(f) for f in finals[::n])
-    completion = sum(f.details.generated_tokens for f in finals if f.details is not None)
-    return oai.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _prompt_tokens(final: TokenEvent) -> int:
-    return final.details.prompt_tokens if final.details is not None else 0
-
-
 # --------------------------------------------------------------------- chat
 async def handle_chat(body: oai.ChatCompletionRequest, request: Request) -> Response:
     use_openai_errors(request)
@@ -148,25 +137,10 @@ async def handle_chat(body: oai.ChatCompletionRequest, request: Request) -> Resp
     finals = await _finals(request, generations)
     if finals is None:
         return Response(status_code=499)
-    choices = [
-        oai.ChatChoice(
-            index=index,
-            message=oai.AssistantMessage(content=final.generated_text or ""),
-            logprobs=_chat_logprobs(final) if body.logprobs else None,
-            finish_reason=oai.finish_reason(final.finish_reason),
-        )
-        for index, final in enumerate(finals)
-    ]
-    completion = oai.ChatCompletion(
-        id=rid, created=created, model=model, choices=choices, usage=_usage(finals, n)
+    completion = oai.chat_completion(
+        finals, id=rid, created=created, model=model, logprobs=bool(body.logprobs), n=n
     )
     return _json(completion, generations[0])
-
-
-def _chat_logprobs(final: TokenEvent) -> oai.ChoiceLogprobs:
-    assert final.details is not None
-    pairs = zip(final.details.tokens, final.details.top_tokens, strict=False)
-    return oai.ChoiceLogprobs(content=[oai.token_logprob(t, top) for t, top in pairs])
 
 
 async def _chat_chunks(
@@ -203,7 +177,7 @@ async def _chat_chunks(
             if event.finished:
                 finals[index] = event
         if body.include_usage:
-            usage = _usage([f for f in finals if f is not None], body.choices_per_prompt)
+            usage = oai.usage_of([f for f in finals if f is not None], body.choices_per_prompt)
             yield sse_event(
                 oai.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
             )
@@ -234,22 +208,8 @@ async def handle_completion(body: oai.CompletionRequest, request: Request) -> Re
     finals = await _finals(request, generations)
     if finals is None:
         return Response(status_code=499)
-    choices = []
-    for index, (final, echo) in enumerate(zip(finals, echoes, strict=True)):
-        assert final.details is not None
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = oai.completion_logprobs(final.details.tokens, final.details.top_tokens, len(echo))
-        choices.append(
-            oai.CompletionChoice(
-                index=index,
-                text=echo + (final.generated_text or ""),
-                logprobs=logprobs,
-                finish_reason=oai.finish_reason(final.finish_reason),
-            )
-        )
-    completion = oai.Completion(
-        id=rid, created=created, model=model, choices=choices, usage=_usage(finals, n)
+    completion = oai.text_completion(
+        finals, echoes, id=rid, created=created, model=model, logprobs=body.logprobs is not None, n=n
     )
     return _json(completion, generations[0])
 
@@ -293,7 +253,7 @@ async def _completion_chunks(
             if event.finished:
                 finals[index] = event
         if body.include_usage:
-            usage = _usage([f for f in finals if f is not None], body.choices_per_prompt)
+            usage = oai.usage_of([f for f in finals if f is not None], body.choices_per_prompt)
             yield sse_event(oai.Completion(id=rid, created=created, model=model, choices=[], usage=usage))
         yield DONE
     finally:

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.unit.platforms.sagemaker.conftest import MODEL, REGION, ROLE
+from twinserve.cli import endpoint as endpoint_cli
 from twinserve.cli.main import app
 from twinserve.deploy.state import StateStore
 
@@ -19,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture
 def home(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TWINSERVE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("COLUMNS", "250")  # rich tables unwrapped
+    monkeypatch.setattr(endpoint_cli.out, "width", 250)  # rich tables unwrapped, terminal or not
     return tmp_path / "home"
 
 

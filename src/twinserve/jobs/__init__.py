@@ -1,0 +1,1 @@
+"""Asynchronous inference and batch transform: queue, results, notifications, workers, transform."""
