@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
+
+from twinserve.cli.output import err, fail, out
 
 if TYPE_CHECKING:
     from twinserve.jobs.batch_spec import JobRecord, TransformJobConfig
@@ -28,13 +29,6 @@ app = typer.Typer(
     help="Batch transform: run a file (or folder, or s3:// prefix) of records through a model, resumably.",
     no_args_is_help=True,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _job(name: str) -> JobDir:
@@ -42,7 +36,7 @@ def _job(name: str) -> JobDir:
 
     job = JobDir(name)
     if not job.exists():
-        _fail(f"no batch job named {name!r} (`twinserve batch list` shows them)")
+        fail(f"no batch job named {name!r} (`twinserve batch list` shows them)")
     return job
 
 
@@ -54,7 +48,7 @@ def _parameters(params: list[str], max_new_tokens: int | None) -> dict[str, Any]
     for item in params:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            _fail(f"--param takes KEY=VALUE (got {item!r})", 2)
+            fail(f"--param takes KEY=VALUE (got {item!r})", 2)
         try:
             out_params[key.strip()] = json.loads(value)
         except ValueError:
@@ -72,7 +66,7 @@ def _check_before_start(cfg: TransformJobConfig) -> None:
 
     try:
         if not is_s3(cfg.input) and not local_path(cfg.input).exists():
-            _fail(f"input {cfg.input} does not exist")
+            fail(f"input {cfg.input} does not exist")
         check_output_writable(cfg)
         _check_no_earlier_answers(cfg)
         if cfg.model is not None:
@@ -85,9 +79,9 @@ def _check_before_start(cfg: TransformJobConfig) -> None:
             assert cfg.endpoint is not None
             StateStore().get_endpoint(cfg.endpoint)
     except ValidationError as exc:
-        _fail(exc.message, 2)
+        fail(exc.message, 2)
     except TwinserveError as exc:
-        _fail(exc.message, 2 if exc.status_code == 422 else 1)
+        fail(exc.message, 2 if exc.status_code == 422 else 1)
 
 
 def _check_no_earlier_answers(cfg: TransformJobConfig) -> None:
@@ -100,7 +94,7 @@ def _check_no_earlier_answers(cfg: TransformJobConfig) -> None:
     names = [source.name] if source.is_file() else [p.name for p in source.iterdir() if p.is_file()]
     taken = [n for n in sorted(names) if (folder / f"{n}.out").exists() or (folder / f"{n}.err").exists()]
     if taken:
-        _fail(f"{folder} already holds answers for {', '.join(taken)}; choose another --output", 2)
+        fail(f"{folder} already holds answers for {', '.join(taken)}; choose another --output", 2)
 
 
 @app.command("create")
@@ -163,14 +157,14 @@ def create_command(
         cfg = TransformJobConfig.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors())
-        _fail(f"invalid job: {problems}", 2)
+        fail(f"invalid job: {problems}", 2)
     for location in ("input", "output"):
         value = getattr(cfg, location)
         if not value.startswith("s3://"):  # the detached runner may start elsewhere
             cfg = cfg.model_copy(update={location: str(Path(value).expanduser().resolve())})
     job = JobDir(name)
     if job.exists():
-        _fail(f"batch job {name!r} exists; `twinserve batch resume {name}` continues it", 1)
+        fail(f"batch job {name!r} exists; `twinserve batch resume {name}` continues it", 1)
     _check_before_start(cfg)
     job.save(JobRecord(config=cfg, state=TransformJob(name=name)))
     _start(job, wait=wait, foreground=foreground)
@@ -189,7 +183,7 @@ def resume_command(
         out.print(f"{name} is already {state.status.value}; nothing to resume")
         return
     if job.is_running():
-        _fail(f"{name} is running; `twinserve batch wait {name}` follows it", 1)
+        fail(f"{name} is running; `twinserve batch wait {name}` follows it", 1)
     _start(job, wait=wait, foreground=foreground)
 
 
@@ -295,7 +289,7 @@ def run_worker_command(name: str = typer.Argument(...)) -> None:
     try:
         state = run_job(name)
     except BusyError as exc:
-        _fail(exc.message, 1)
+        fail(exc.message, 1)
     raise typer.Exit(0 if state.status.value in ("Completed", "CompletedWithErrors") else 1)
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+
+from twinserve.cli.output import err, fail, out
 
 if TYPE_CHECKING:
     from twinserve.deploy.platform import Platform
@@ -25,13 +26,6 @@ app = typer.Typer(
     help="Real-time endpoints: on this machine (replicas behind one router URL) or on SageMaker.",
     no_args_is_help=True,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _manager() -> LocalPlatform:
@@ -48,7 +42,7 @@ def _platform(name: str) -> Platform:
     try:
         return platform_of(name)
     except NotFoundError as exc:
-        _fail(exc.message)
+        fail(exc.message)
 
 
 def _local(name: str) -> LocalPlatform:
@@ -57,7 +51,7 @@ def _local(name: str) -> LocalPlatform:
 
     platform = _platform(name)
     if not isinstance(platform, LocalPlatform):
-        _fail(f"endpoint {name!r} runs on {platform.name}; this command is for local endpoints", 2)
+        fail(f"endpoint {name!r} runs on {platform.name}; this command is for local endpoints", 2)
     return platform
 
 
@@ -73,28 +67,28 @@ def _build_config(
     try:
         if config is not None:
             if model is not None:
-                _fail("give either --model or --config, not both", 2)
+                fail("give either --model or --config, not both", 2)
             data = yaml.safe_load(config.read_text())
             if not isinstance(data, dict):
-                _fail(f"{config}: an endpoint config is a YAML mapping (name:, variants:, ...)", 2)
+                fail(f"{config}: an endpoint config is a YAML mapping (name:, variants:, ...)", 2)
             if data.setdefault("name", name) != name:
-                _fail(f"{config} names the endpoint {data['name']!r}, not {name!r}", 2)
+                fail(f"{config} names the endpoint {data['name']!r}, not {name!r}", 2)
             return EndpointConfig.from_dict({**data, **endpoint})
         if model is None:
-            _fail("give --model REF (or --config FILE.yaml)", 2)
+            fail("give --model REF (or --config FILE.yaml)", 2)
         given = {k: v for k, v in variant.items() if v is not None}
         return EndpointConfig.model_validate(
             {"name": name, "variants": [{"model": model, **given}], **endpoint}
         )
     except (ValidationError, ValueError, OSError, yaml.YAMLError) as exc:
-        _fail(f"invalid endpoint config: {exc}", 2)
+        fail(f"invalid endpoint config: {exc}", 2)
 
 
 def _target_tracking(bounds: str, target: float) -> dict[str, Any]:
     """`--autoscale 1..2` as a target tracking policy on concurrent requests per replica."""
     low, sep, high = bounds.partition("..")
     if not sep or not low.strip().isdigit() or not high.strip().isdigit():
-        _fail(f"--autoscale takes MIN..MAX, e.g. 1..2 (got {bounds!r})", 2)
+        fail(f"--autoscale takes MIN..MAX, e.g. 1..2 (got {bounds!r})", 2)
     return {
         "type": "target_tracking",
         "metric": "concurrent_requests_per_replica",
@@ -161,10 +155,10 @@ def create_command(
         if v is not None
     }
     if platform not in (None, "local", "sagemaker"):
-        _fail(f"--platform is local or sagemaker, not {platform!r}", 2)
+        fail(f"--platform is local or sagemaker, not {platform!r}", 2)
     if (sagemaker or keep_on_failure) and platform != "sagemaker":
         flag = next(iter(sagemaker), "keep_on_failure").replace("_", "-")
-        _fail(f"--{flag} is a sagemaker flag; add --platform sagemaker", 2)
+        fail(f"--{flag} is a sagemaker flag; add --platform sagemaker", 2)
     if platform == "sagemaker":
         endpoint["platform"] = {"type": "sagemaker", "sagemaker": sagemaker}
     if autoscale is not None:
@@ -183,11 +177,11 @@ def create_command(
 
             ep = target.create(cfg, wait=wait, progress=progress, **extra)
     except TwinserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except KeyboardInterrupt:
-        _fail(f"interrupted; endpoint {name!r} was stopped and marked Failed", 130)
+        fail(f"interrupted; endpoint {name!r} was stopped and marked Failed", 130)
     except ValueError as exc:  # a config the platform refuses before deploying (pydantic included)
-        _fail(f"invalid endpoint config: {exc}", 2)
+        fail(f"invalid endpoint config: {exc}", 2)
     if ep.url:
         out.print(f"endpoint [bold]{name}[/bold] is {ep.status}: {ep.url}", highlight=False, soft_wrap=True)
     else:
@@ -202,9 +196,9 @@ def _describe(platform: Platform, name: str) -> Endpoint:
     try:
         return platform.describe(name)
     except NotFoundError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except TwinserveError as exc:  # e.g. the cloud did not answer
-        _fail(exc.message)
+        fail(exc.message)
 
 
 @app.command("describe")
@@ -268,7 +262,7 @@ def invoke_command(
     platform = _platform(name)
     ep = _describe(platform, name)
     if not ep.status.accepts_traffic or ep.url is None:
-        _fail(f"endpoint {name!r} is {ep.status}, not serving")
+        fail(f"endpoint {name!r} is {ep.status}, not serving")
     messages = [{"role": "user", "content": prompt}]
     params: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
@@ -283,7 +277,7 @@ def invoke_command(
             else:
                 typer.echo(client.chat(messages, **params).text)
     except TwinserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
 
 
 def _run_operation(label: str, operation: Any) -> Endpoint:
@@ -300,13 +294,13 @@ def _run_operation(label: str, operation: Any) -> Endpoint:
             result: Endpoint = operation(progress)
             return result
         except ClientError as exc:  # not found, busy, outside the bounds
-            _fail(exc.message, 2 if exc.status_code == 422 else 1)
+            fail(exc.message, 2 if exc.status_code == 422 else 1)
         except TwinserveError as exc:
-            _fail(exc.message)
+            fail(exc.message)
         except KeyError as exc:
-            _fail(str(exc.args[0]) if exc.args else str(exc), 2)
+            fail(str(exc.args[0]) if exc.args else str(exc), 2)
         except ValueError as exc:  # a config the platform refuses (pydantic's errors included)
-            _fail(f"invalid endpoint config: {exc}", 2)
+            fail(f"invalid endpoint config: {exc}", 2)
 
 
 @app.command("update")
@@ -332,7 +326,7 @@ def update_command(
     from twinserve.deploy.platform_config import PlatformConfig
 
     if (model is None) == (config is None):
-        _fail("give --model REF or --config FILE.yaml", 2)
+        fail("give --model REF or --config FILE.yaml", 2)
     platform = _platform(name)
     current = _describe(platform, name)
     if config is not None:
@@ -348,14 +342,14 @@ def update_command(
         try:
             target = current.config_with_model(model, variant=variant)
         except KeyError as exc:
-            _fail(str(exc.args[0]), 2)
+            fail(str(exc.args[0]), 2)
     if not wait:
         from twinserve.errors import TwinserveError
 
         try:
             _local(name).update_detached(name, target, canary_percent=canary, bake_s=bake)
         except TwinserveError as exc:
-            _fail(exc.message)
+            fail(exc.message)
         out.print(
             f"endpoint [bold]{name}[/bold] is Updating; follow with `twinserve endpoint describe {name}`"
         )
@@ -405,7 +399,7 @@ def autoscale_command(
     from twinserve.deploy.policies import TargetTrackingPolicy
 
     if (bounds is None) == (not off):
-        _fail("give --autoscale MIN..MAX or --off", 2)
+        fail("give --autoscale MIN..MAX or --off", 2)
     policy = (
         None
         if off
@@ -441,7 +435,7 @@ def reconcile_command(
                 each, ensure_controller=True, progress=lambda m: err.print(f"[dim]{m}[/dim]")
             )
         except NotFoundError as exc:
-            _fail(exc.message)
+            fail(exc.message)
         out.print(f"{each}: {'; '.join(actions) if actions else 'nothing to do'}", highlight=False)
 
 
@@ -460,20 +454,20 @@ def export_scaling_command(
     from twinserve.platforms.sagemaker.scaling import sagemaker_scaling_calls
 
     if (name is None) == (config is None):
-        _fail("give an endpoint NAME or --config FILE.yaml", 2)
+        fail("give an endpoint NAME or --config FILE.yaml", 2)
     if config is not None:
         try:
             cfg = EndpointConfig.from_yaml(config)
         except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
-            _fail(f"invalid endpoint config: {exc}", 2)
+            fail(f"invalid endpoint config: {exc}", 2)
     else:
         cfg = _describe(_platform(name or ""), name or "").config
     if cfg.autoscaling is None:
-        _fail(f"endpoint {cfg.name!r} has no autoscaling policy", 2)
+        fail(f"endpoint {cfg.name!r} has no autoscaling policy", 2)
     try:
         calls = sagemaker_scaling_calls(cfg, endpoint_name=sagemaker_name)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     typer.echo(json.dumps([c.model_dump() for c in calls], indent=2))
 
 
@@ -498,7 +492,7 @@ def delete_command(name: str = typer.Argument(..., help="Endpoint name.")) -> No
         try:
             deleted = platform.delete(name, progress=progress)
         except TwinserveError as exc:
-            _fail(exc.message)
+            fail(exc.message)
     out.print(f"endpoint {name!r} deleted" if deleted else f"endpoint {name!r} does not exist; nothing to do")
 
 
@@ -513,7 +507,7 @@ def logs_command(
     try:
         logs = _platform(name).logs(name, lines)
     except TwinserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     for source, text in logs.items():
         out.print(f"[bold]==> {source} <==[/bold]", highlight=False)
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")

@@ -9,25 +9,19 @@ could not be written; 2 bad flags or values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
+
+from twinserve.cli.output import err, fail, out
 
 if TYPE_CHECKING:
     from pydantic import ValidationError as PydanticValidationError
 
     from twinserve.planner.model_shape import ModelSource
 
-out = Console()
-err = Console(stderr=True)
 
 DEFAULT_REQUESTS_PER_S = 1.0
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _describe(exc: PydanticValidationError) -> str:
@@ -47,7 +41,7 @@ def _source(
     from twinserve.planner.model_shape import ModelSource, from_params, preset, resolve_source
 
     if model is not None and (preset_name is not None or params is not None):
-        _fail("give --model, or --preset/--params, not both", 2)
+        fail("give --model, or --preset/--params, not both", 2)
     try:
         if params is not None:
             shape, note = from_params(params, like=preset_name)
@@ -56,9 +50,9 @@ def _source(
             return ModelSource(shape=preset(preset_name)), []
         return resolve_source(model or "default"), []
     except ClientError as exc:
-        _fail(exc.message, 2 if exc.status_code == 422 else 1)
+        fail(exc.message, 2 if exc.status_code == 422 else 1)
     except TwinserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
 
 
 def _card_hints(source: ModelSource, given: dict[str, Any], prompt: int, output: int) -> list[str]:
@@ -164,16 +158,16 @@ def plan_command(
         )  # fmt: skip
         plan = make_plan(request)
     except PydanticValidationError as exc:
-        _fail(f"invalid plan request:\n{_describe(exc)}", 2)
+        fail(f"invalid plan request:\n{_describe(exc)}", 2)
     except NoFitError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except TwinserveError as exc:
-        _fail(exc.message, 2 if exc.status_code == 422 else 1)
+        fail(exc.message, 2 if exc.status_code == 422 else 1)
     if yaml_path is not None:
         try:
             yaml_path.write_text(plan_yaml(plan))
         except OSError as exc:
-            _fail(f"cannot write {yaml_path}: {exc.strerror or exc}")
+            fail(f"cannot write {yaml_path}: {exc.strerror or exc}")
     if as_json:
         typer.echo(plan.model_dump_json(indent=2))
     else:
