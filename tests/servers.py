@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,31 @@ def process_gone(pid: int) -> bool:
         return proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid()
     except psutil.NoSuchProcess:
         return True
+
+
+def until(condition: Callable[[], Any], timeout: float = 15.0) -> bool:
+    """Poll `condition` until it is true (True) or `timeout` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@contextlib.contextmanager
+def asgi_in_thread(app: Any, name: str = "test-asgi") -> Iterator[str]:
+    """An ASGI app under uvicorn in a thread on a free port of 127.0.0.1 (lifespan on); its URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    try:
+        assert until(lambda: server.started, 30), f"{name} did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

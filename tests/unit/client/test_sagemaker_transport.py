@@ -13,19 +13,16 @@ import json
 import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import httpx
 import pytest
-import uvicorn
 from httpx_sse import EventSource
 
-from tests.servers import ThreadServer, serve_config, thread_server
+from tests.servers import ThreadServer, asgi_in_thread, serve_config, thread_server, until
 from twinserve.client import LLMClient, SageMakerTransport, StreamChunk
 from twinserve.client._sse import SSEDecoder
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaRecord, ReplicaState
@@ -50,32 +47,6 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
 # ---------------------------------------------------------------- fixtures
-@contextlib.contextmanager
-def _running(app: Any) -> Iterator[str]:
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-gateway", daemon=True)
-    thread.start()
-    try:
-        assert _until(lambda: server.started, 30), "server did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def _until(condition: Callable[[], Any], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 async def _breaks_mid_stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
@@ -112,9 +83,9 @@ def gateway(server: ThreadServer, tmp_path_factory: pytest.TempPathFactory) -> I
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         _put(store, "silent", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        with _running(_breaks_mid_stream) as broken:
+        with asgi_in_thread(_breaks_mid_stream) as broken:
             _put(store, "broken", broken)
-            with _running(create_gateway_app(store)) as url:
+            with asgi_in_thread(create_gateway_app(store)) as url:
                 yield url
 
 
@@ -207,7 +178,7 @@ def test_stopping_a_stream_early_aborts_the_generation(server: ThreadServer, gat
         for chunk in client.generate_stream(PROMPT, **long):
             assert not chunk.finished
             break
-        assert _until(lambda: _cancelled(server) > before, 30), "the generation ran on"
+        assert until(lambda: _cancelled(server) > before, 30), "the generation ran on"
 
         async def stop_async() -> None:
             async with contextlib.aclosing(client.agenerate_stream(PROMPT, **long)) as chunks:
@@ -216,7 +187,7 @@ def test_stopping_a_stream_early_aborts_the_generation(server: ThreadServer, gat
 
         before = _cancelled(server)
         asyncio.run(stop_async())
-        assert _until(lambda: _cancelled(server) > before, 30), "the async generation ran on"
+        assert until(lambda: _cancelled(server) > before, 30), "the async generation ran on"
 
 
 # ---------------------------------------------------------------- errors

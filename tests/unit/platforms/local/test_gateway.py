@@ -9,11 +9,8 @@ router processes) behind the gateway daemon.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,6 @@ import boto3
 import botocore.session
 import httpx
 import pytest
-import uvicorn
 from botocore import UNSIGNED
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -32,7 +28,7 @@ from botocore.eventstream import EventStream, EventStreamBuffer
 from botocore.exceptions import ClientError, EventStreamError
 from botocore.parsers import EventStreamJSONParser
 
-from tests.servers import ThreadServer, process_gone, serve_config, thread_server
+from tests.servers import ThreadServer, asgi_in_thread, process_gone, serve_config, thread_server
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ReplicaRecord, ReplicaState
 from twinserve.deploy.state import StateStore
 from twinserve.platforms.local.gateway import ensure_gateway, gateway_url, stop_gateway
@@ -68,33 +64,6 @@ def _put(
         store.put_replica(record.model_copy(update={"state": ReplicaState.HEALTHY}))
 
 
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """An ASGI app under uvicorn in a thread, on a free port (lifespan on)."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-gateway", daemon=True)
-    thread.start()
-    try:
-        assert _until(lambda: server.started, 30), "server did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def _until(condition: Callable[[], Any], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 async def _breaks_mid_stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """A container that starts an SSE answer and dies: the connection drops mid-body."""
     if scope["type"] != "http":
@@ -128,9 +97,9 @@ def gateway(
     _put(store, "failed", None, status=EndpointStatus.FAILED)
     _put(store, "down", f"http://127.0.0.1:{free_port()}")
     _put(store, "remote", "http://127.0.0.1:9", platform={"type": "sagemaker"})
-    with running(_breaks_mid_stream) as broken:
+    with asgi_in_thread(_breaks_mid_stream) as broken:
         _put(store, "broken", broken)
-        with running(create_gateway_app(store)) as url:
+        with asgi_in_thread(create_gateway_app(store)) as url:
             yield url
 
 

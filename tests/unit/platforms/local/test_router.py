@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.servers import ThreadServer, serve_config, thread_server
+from tests.servers import ThreadServer, asgi_in_thread, serve_config, thread_server, until
 from twinserve.platforms.local.router.app import REPLICA_HEADER, RouterApp, create_router_app
 from twinserve.platforms.local.router.pool import ReplicaPool, ReplicaSpec
 from twinserve.server.process import free_port
@@ -43,28 +42,8 @@ def running_router(pool: ReplicaPool, **options: Any) -> Iterator[tuple[str, Rou
     """The router under uvicorn in a thread (lifespan on: health checks run)."""
     options.setdefault("health_interval", 0.2)
     app = create_router_app(pool, **options)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-router", daemon=True)
-    thread.start()
-    try:
-        assert _until(lambda: server.started, 30), "router did not start"
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def _until(condition: Callable[[], Any], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+    with asgi_in_thread(app, "test-router") as url:
+        yield url, app
 
 
 def _states(url: str) -> dict[str, dict[str, Any]]:
@@ -159,15 +138,15 @@ def test_least_outstanding_spreads_streams_and_disconnects_abort_them(replicas: 
             assert [states[n]["outstanding"] for n in "ab"] == [2, 2]
             assert all(s.service.engine.engine.num_in_flight == 2 for s in replicas)
         # the client left: the router closed upstream and the replicas aborted their generations
-        assert _until(lambda: all(_idle(s) for s in replicas))
-        assert _until(lambda: all(r["outstanding"] == 0 for r in _states(url).values()))
+        assert until(lambda: all(_idle(s) for s in replicas))
+        assert until(lambda: all(r["outstanding"] == 0 for r in _states(url).values()))
         assert _cancelled(replicas) == before + 4
         # a unary client that gives up aborts its generation too
         with pytest.raises(httpx.ReadTimeout):
             client.post(f"{url}/generate", json=LONG, timeout=httpx.Timeout(30, read=0.3))
-        assert _until(lambda: _cancelled(replicas) == before + 5)
-        assert _until(lambda: all(_idle(s) for s in replicas))
-        assert _until(lambda: all(r["outstanding"] == 0 for r in _states(url).values()))
+        assert until(lambda: _cancelled(replicas) == before + 5)
+        assert until(lambda: all(_idle(s) for s in replicas))
+        assert until(lambda: all(r["outstanding"] == 0 for r in _states(url).values()))
 
 
 def test_a_dead_replica_is_skipped_by_retry_and_marked_unhealthy(
@@ -181,7 +160,7 @@ def test_a_dead_replica_is_skipped_by_retry_and_marked_unhealthy(
             assert _states(url)["doomed"]["status"] == "starting"
             assert app.health is not None
             app.health.check_soon()
-            assert _until(lambda: _states(url)["doomed"]["healthy"])
+            assert until(lambda: _states(url)["doomed"]["healthy"])
         for _ in range(6):
             r = httpx.post(f"{url}/generate", json=SHORT, timeout=30)
             assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "live"
@@ -224,7 +203,7 @@ def test_a_draining_replica_finishes_its_stream_but_takes_no_new_requests(
                 assert client.post(f"{url}/generate", json=SHORT).headers[REPLICA_HEADER] == other
             last = json.loads(_events("\n".join(lines))[-1])
             assert last["generated_text"] is not None and last["index"] == 2000
-        assert _until(lambda: pool.is_drained(old))
+        assert until(lambda: pool.is_drained(old))
         assert set(_states(url)) == {other}
 
 
@@ -236,13 +215,13 @@ def test_blue_green_set_replicas_shifts_traffic_by_weight(replicas: list[ThreadS
         pool.set_replicas([*blue, green], weights={"blue": 3, "green": 1})
         assert app.health is not None
         app.health.check_soon()
-        assert _until(lambda: _states(url)["green-0"]["healthy"])
+        assert until(lambda: _states(url)["green-0"]["healthy"])
         served = [
             client.post(f"{url}/tokenize", json={"inputs": "x"}).headers[REPLICA_HEADER] for _ in range(8)
         ]
         assert served.count("blue-0") == 6 and served.count("green-0") == 2
         pool.set_replicas([green])
-        assert _until(lambda: set(_states(url)) == {"green-0"})
+        assert until(lambda: set(_states(url)) == {"green-0"})
         assert client.post(f"{url}/generate", json=SHORT).headers[REPLICA_HEADER] == "green-0"
 
 
@@ -293,7 +272,7 @@ def _serving(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        assert _until(lambda: server.started, 30)
+        assert until(lambda: server.started, 30)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -306,7 +285,7 @@ def test_a_503_from_a_replica_is_retried_on_another(replicas: list[ThreadServer]
             [ReplicaSpec(id="draining", url=draining_url), ReplicaSpec(id="a", url=replicas[0].url)]
         )
         with running_router(pool, health_interval=30) as (url, _):
-            assert _until(lambda: pool.num_available() == 2)
+            assert until(lambda: pool.num_available() == 2)
             for _ in range(4):  # whichever replica is picked first, every request is answered by "a"
                 r = httpx.post(f"{url}/generate", json=SHORT, timeout=60)
                 assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "a"
@@ -315,7 +294,7 @@ def test_a_503_from_a_replica_is_retried_on_another(replicas: list[ThreadServer]
     with _serving(_draining_replica) as draining_url:  # alone: its 503 is what the caller gets
         pool = ReplicaPool([ReplicaSpec(id="draining", url=draining_url)])
         with running_router(pool, health_interval=30) as (url, _):
-            assert _until(lambda: pool.num_available() == 1)
+            assert until(lambda: pool.num_available() == 1)
             r = httpx.post(f"{url}/generate", json=SHORT, timeout=60)
             assert r.status_code == 503 and r.json()["error_type"] == "not_ready"
 
@@ -329,7 +308,7 @@ def test_router_stats_count_load_per_traffic_group(replicas: list[ThreadServer])
         weights={"v@1": 1, "v@2": 0},
     )
     with running_router(pool) as (url, _):
-        assert _until(lambda: pool.num_available() == 2)
+        assert until(lambda: pool.num_available() == 2)
         for _ in range(3):
             assert httpx.post(f"{url}/generate", json=SHORT, timeout=60).status_code == 200
         stats = httpx.get(f"{url}/router/stats").json()
