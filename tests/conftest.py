@@ -1,4 +1,5 @@
-"""Shared fixtures: one persistent twinserve home for the whole run, and the default model.
+"""Shared fixtures: one persistent twinserve home for the whole run, the default model, the tiny
+model, and a local platform under tmp_path (`manager`).
 
 The home persists between runs (`.cache/test-home`, or TWINSERVE_TEST_HOME) so the default
 model is downloaded and converted once per machine, not once per test run.
@@ -9,8 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from twinserve.platforms.local.platform import LocalPlatform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +75,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.factories import tiny_llama_dir
 
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalPlatform]:
+    """A local platform with its own state store and home under tmp_path; whatever failed, no
+    endpoint (and so no process) outlives the test."""
+    from twinserve.deploy.state import StateStore
+    from twinserve.platforms.local.local_runtime import LocalRuntime
+    from twinserve.platforms.local.platform import LocalPlatform
+
+    monkeypatch.setenv("TWINSERVE_HOME", str(tmp_path))
+    store = StateStore(tmp_path / "endpoints" / "state.db")
+    platform = LocalPlatform(store, LocalRuntime(store, home=tmp_path))
+    try:
+        yield platform
+    finally:
+        for endpoint in store.list_endpoints():
+            platform.delete(endpoint.name)

@@ -118,3 +118,43 @@ def asgi_in_thread(app: Any, name: str = "test-asgi") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@dataclass
+class ReceivedRequest:
+    """One request a `webhook_receiver` got: its path, headers (lowercase names) and raw body."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@contextlib.contextmanager
+def webhook_receiver(status: int = 200) -> Iterator[tuple[str, list[ReceivedRequest]]]:
+    """A real HTTP server on 127.0.0.1 in a thread that records every POST and answers `status`;
+    yields its base URL and the list it appends to."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[ReceivedRequest] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            received.append(ReceivedRequest(self.path, headers, body))
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="test-webhook", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

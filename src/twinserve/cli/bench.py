@@ -275,6 +275,66 @@ def batch_command(
     out.print(f"batch ÷ real-time: {report.ratio:.2f}x (goal ≥ 1.1x) {mark}")
 
 
+@app.command("async")
+def async_command(
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the default model)."
+    ),
+    jobs: int = typer.Option(200, "--jobs", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    max_replicas: int = typer.Option(2, "--max-replicas", min=1, help="Autoscaling bounds are 0..this."),
+    max_concurrent_invocations: int = typer.Option(
+        16, "--max-concurrent-invocations", min=1, help="K: jobs per replica at once."
+    ),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads per replica."),
+    dtype: str = typer.Option("auto", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """A burst of jobs on an async endpoint at zero replicas: wake-up time, queue latency, jobs/s."""
+    from twinserve.bench.async_bench import AsyncBenchConfig, run_async_bench
+
+    cfg = AsyncBenchConfig.model_validate(
+        {
+            "model": str(_model_or_default(model)),
+            "jobs": jobs,
+            "max_new_tokens": max_new_tokens,
+            "max_replicas": max_replicas,
+            "max_concurrent_invocations": max_concurrent_invocations,
+            "threads": threads,
+            "dtype": dtype,
+        }
+    )
+    with err.status("benchmarking …") as status:
+        report = run_async_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    table = Table(title=f"{jobs} async chat jobs × {max_new_tokens} new tokens, autoscale 0..{max_replicas}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("succeeded / failed", f"{report.succeeded} / {report.failed}"),
+        ("all submits answered (202)", f"{report.submit_seconds:.2f} s"),
+        ("time to first replica from zero", f"{report.time_to_first_replica_s:.1f} s"),
+        ("queue wait p50 / p99", f"{report.queue_wait_p50_s:.1f} / {report.queue_wait_p99_s:.1f} s"),
+        ("latency p50 / p99 (submit → done)", f"{report.latency_p50_s:.1f} / {report.latency_p99_s:.1f} s"),
+        ("jobs/s (whole burst)", f"{report.jobs_per_s:.2f}"),
+        ("jobs/s (once a replica serves)", f"{report.jobs_per_s_serving:.2f}"),
+        ("peak replicas", str(report.peak_replicas)),
+        (
+            f"baseline: sync /invocations, {report.baseline_concurrency} in flight "
+            f"on {report.baseline_replicas} replica(s)",
+            f"{report.baseline_requests_per_s:.2f} req/s",
+        ),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"async (serving) ÷ sync baseline: {report.ratio:.2f}x")
+    for event in report.scaling_events:
+        out.print(f"  scaling: {event}", highlight=False, soft_wrap=True)
+
+
 def _model_or_default(model: Path | None) -> Path:
     if model is not None:
         return model

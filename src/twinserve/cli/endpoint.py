@@ -1,5 +1,5 @@
-"""`twinserve endpoint …`: real-time endpoints on a platform (create, describe, list, invoke, update,
-scale, autoscale, reconcile, export-scaling, delete, logs).
+"""`twinserve endpoint …`: endpoints on a platform (create, describe, list, invoke, invoke-async,
+update, scale, autoscale, reconcile, export-scaling, delete, logs).
 
 Thin: parses, calls the endpoint's `Platform` (`--platform` at create, recorded per endpoint,
 so later commands find it), prints with rich. Heavy modules are
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from twinserve.platforms.local.platform import LocalPlatform
 
 app = typer.Typer(
-    help="Real-time endpoints: on this machine (replicas behind one router URL) or on SageMaker.",
+    help="Endpoints, real-time or async: on this machine (replicas behind one router URL) or on SageMaker.",
     no_args_is_help=True,
 )
 
@@ -84,14 +84,17 @@ def _build_config(
         fail(f"invalid endpoint config: {exc}", 2)
 
 
-def _target_tracking(bounds: str, target: float) -> dict[str, Any]:
-    """`--autoscale 1..2` as a target tracking policy on concurrent requests per replica."""
+def _target_tracking(
+    bounds: str, target: float, metric: str = "concurrent_requests_per_replica"
+) -> dict[str, Any]:
+    """`--autoscale 1..2` as a target tracking policy (on concurrent requests per replica, or
+    on the backlog per replica for an async endpoint)."""
     low, sep, high = bounds.partition("..")
     if not sep or not low.strip().isdigit() or not high.strip().isdigit():
         fail(f"--autoscale takes MIN..MAX, e.g. 1..2 (got {bounds!r})", 2)
     return {
         "type": "target_tracking",
-        "metric": "concurrent_requests_per_replica",
+        "metric": metric,
         "target": target,
         "min_replicas": int(low),
         "max_replicas": int(high),
@@ -137,12 +140,50 @@ def create_command(
     keep_on_failure: bool = typer.Option(
         False, "--keep-on-failure", help="sagemaker: keep what was created when the endpoint fails."
     ),
+    is_async: bool = typer.Option(
+        False, "--async", help="Asynchronous inference: POST /async-invocations, a durable queue, scale to 0."
+    ),
+    max_concurrent_invocations: int | None = typer.Option(
+        None, "--max-concurrent-invocations", min=1, help="--async: jobs per replica at once (default 8)."
+    ),
+    target_backlog: float | None = typer.Option(
+        None, "--target-backlog", min=0.1, help="--async --autoscale: jobs per replica to keep (default: K)."
+    ),
+    output_location: str | None = typer.Option(
+        None, "--output-location", help="--async: results folder or s3://bucket/prefix."
+    ),
+    failure_location: str | None = typer.Option(
+        None, "--failure-location", help="--async: error bodies (default: failures/ under the results)."
+    ),
+    notify_success: str | None = typer.Option(None, "--notify-success", help="--async: webhook on success."),
+    notify_error: str | None = typer.Option(None, "--notify-error", help="--async: webhook on failure."),
+    success_topic: str | None = typer.Option(
+        None, "--success-topic", help="--async on sagemaker: SNS topic ARN for successes."
+    ),
+    error_topic: str | None = typer.Option(
+        None, "--error-topic", help="--async on sagemaker: SNS topic ARN for failures."
+    ),
 ) -> None:
     """Deploy an endpoint (locally: replicas, a router and a controller); print its URL."""
+    from twinserve.cli.endpoint_async import async_block
     from twinserve.errors import TwinserveError
     from twinserve.platforms import get_platform
 
     endpoint: dict[str, Any] = {"api_key": api_key} if api_key else {}
+    asynchronous = async_block(
+        is_async,
+        max_concurrent_invocations=max_concurrent_invocations,
+        output_location=output_location,
+        failure_location=failure_location,
+        notify_success_url=notify_success,
+        notify_error_url=notify_error,
+        success_topic_arn=success_topic,
+        error_topic_arn=error_topic,
+    )
+    if asynchronous is not None:
+        endpoint["async"] = asynchronous
+    elif target_backlog is not None:
+        fail("--target-backlog is an --async flag", 2)
     sagemaker = {
         k: v
         for k, v in {
@@ -162,8 +203,12 @@ def create_command(
     if platform == "sagemaker":
         endpoint["platform"] = {"type": "sagemaker", "sagemaker": sagemaker}
     if autoscale is not None:
-        endpoint["autoscaling"] = _target_tracking(autoscale, target_concurrency)
-        replicas = replicas or endpoint["autoscaling"]["min_replicas"]
+        if asynchronous is not None:
+            target = target_backlog or asynchronous.get("max_concurrent_invocations_per_replica", 8)
+            endpoint["autoscaling"] = _target_tracking(autoscale, target, "backlog_per_replica")
+        else:
+            endpoint["autoscaling"] = _target_tracking(autoscale, target_concurrency)
+        replicas = replicas or max(endpoint["autoscaling"]["min_replicas"], 1)
     variant = {"replicas": replicas, "threads": threads, "dtype": dtype, "device": device}
     cfg = _build_config(name, model, config, variant, endpoint)
     target = get_platform(cfg.platform.type)
@@ -280,6 +325,15 @@ def invoke_command(
         fail(exc.message)
 
 
+def _register_async_commands() -> None:
+    from twinserve.cli.endpoint_async import invoke_async_command
+
+    app.command("invoke-async")(invoke_async_command)
+
+
+_register_async_commands()
+
+
 def _run_operation(label: str, operation: Any) -> Endpoint:
     """Run a platform operation with progress on stderr; errors become exit codes."""
     from twinserve.errors import ClientError, TwinserveError
@@ -371,7 +425,9 @@ def update_command(
 @app.command("scale")
 def scale_command(
     name: str = typer.Argument(..., help="Endpoint name."),
-    replicas: int = typer.Option(..., "--replicas", "-n", min=1, help="Replicas the variant should run."),
+    replicas: int = typer.Option(
+        ..., "--replicas", "-n", min=0, help="Replicas the variant should run (0: async endpoints only)."
+    ),
     variant: str | None = typer.Option(None, "--variant", help="Variant to scale (default: the first)."),
 ) -> None:
     """Set a variant's replica (instance) count, within the autoscaling bounds if it has a policy."""
@@ -393,19 +449,27 @@ def autoscale_command(
     target_concurrency: float = typer.Option(
         4.0, "--target-concurrency", min=0.1, help="Concurrent requests per replica to keep."
     ),
+    target_backlog: float | None = typer.Option(
+        None, "--target-backlog", min=0.1, help="Async endpoints: jobs per replica to keep (default: K)."
+    ),
     off: bool = typer.Option(False, "--off", help="Remove the policy (fixed replica counts)."),
 ) -> None:
-    """Apply an autoscaling policy to a running endpoint (or remove it with --off)."""
+    """Apply an autoscaling policy to a running endpoint (or remove it with --off). An async
+    endpoint scales on its backlog per replica, down to 0 when MIN is 0."""
     from twinserve.deploy.policies import TargetTrackingPolicy
 
     if (bounds is None) == (not off):
         fail("give --autoscale MIN..MAX or --off", 2)
-    policy = (
-        None
-        if off
-        else TargetTrackingPolicy.model_validate(_target_tracking(bounds or "", target_concurrency))
-    )
     platform = _platform(name)
+    policy = None
+    if bounds is not None:
+        asynchronous = _describe(platform, name).config.async_inference
+        if asynchronous is not None:
+            target = target_backlog or asynchronous.max_concurrent_invocations_per_replica
+            rule = _target_tracking(bounds, target, "backlog_per_replica")
+        else:
+            rule = _target_tracking(bounds, target_concurrency)
+        policy = TargetTrackingPolicy.model_validate(rule)
     ep = _run_operation(
         f"autoscaling endpoint {name!r}",
         lambda progress: platform.set_autoscaling(name, policy, progress=progress),

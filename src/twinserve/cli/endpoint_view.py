@@ -59,6 +59,8 @@ def render_endpoint(out: Console, ep: Endpoint, platform: Platform, events: list
         for kind, value in ep.resources.items():
             resources.add_row(kind, value)
         out.print(resources)
+    if ep.config.async_inference is not None:
+        _async_lines(out, ep)
     if ep.config.autoscaling is not None:
         p = ep.config.autoscaling
         bound = f"{p.min_replicas}..{p.max_replicas}"
@@ -82,7 +84,12 @@ def _platform_lines(out: Console, ep: Endpoint, platform: Platform) -> None:
     if isinstance(platform, LocalPlatform):
         router = "up" if platform.router_alive(ep) else "[red]down[/red]"
         controller = "up" if platform.controller_alive(ep) else "[yellow]not running[/yellow]"
-        out.print(f"generation {ep.generation}  router: {router}  controller: {controller}", highlight=False)
+        jobs = ""
+        if ep.config.async_inference is not None:
+            jobs = "  job service: " + ("up" if platform.job_service.alive(ep) else "[red]down[/red]")
+        out.print(
+            f"generation {ep.generation}  router: {router}{jobs}  controller: {controller}", highlight=False
+        )
         gateway = platform.runtime_api_url()
         if gateway is not None:
             out.print(
@@ -93,3 +100,40 @@ def _platform_lines(out: Console, ep: Endpoint, platform: Platform) -> None:
             )
     else:
         out.print(f"generation {ep.generation}", highlight=False)
+
+
+def _async_lines(out: Console, ep: Endpoint) -> None:
+    """The async settings (webhooks by host only: their URLs may carry tokens) and the backlog."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    a = ep.config.async_inference
+    assert a is not None
+    hooks = [
+        f"{label} → {urlsplit(url).hostname}"
+        for label, url in (("success", a.notify_success_url), ("error", a.notify_error_url))
+        if url
+    ]
+    hooks += [
+        f"{label} → SNS {arn.rsplit(':', 1)[-1]}"
+        for label, arn in (("success", a.success_topic_arn), ("error", a.error_topic_arn))
+        if arn
+    ]
+    out.print(
+        f"async: {a.max_concurrent_invocations_per_replica} job(s) per replica, results "
+        f"{a.output_location or 'in the endpoint folder'}, webhooks {', '.join(hooks) or 'none'}"
+        f"{' (signed)' if a.notify_secret else ''}, ttl {a.request_ttl_s:g}s, "
+        f"timeout {a.invocation_timeout_s:g}s, {a.max_attempts} attempt(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if ep.async_url is None:
+        return
+    try:
+        stats = httpx.get(f"{ep.async_url}/async/stats", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        out.print("queue: [yellow]the job service did not answer[/yellow]")
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in stats.get("counts", {}).items())
+    out.print(f"queue: backlog {stats.get('backlog', '?')} ({counts})", highlight=False)

@@ -1,9 +1,10 @@
 """`twinserve up`: the mission end to end on the embedded defaults (what `make up` runs).
 
-registry (import the default model as llm-twin v1 @champion, once) → real-time endpoint `twin`
-from `models:/llm-twin@champion`, autoscaling 1..2 replicas → one streamed answer through the
-endpoint's router → the URL and paste-able curl commands → serve until Ctrl-C (autoscaling
-events printed as they happen) → delete the endpoint, leaving no process behind.
+registry (import the default model as llm-twin v1 @champion, once) → endpoint `twin` from
+`models:/llm-twin@champion`, autoscaling 1..2 replicas, real-time and async (`/async-invocations`)
+→ one streamed answer through the endpoint's router → one async job, queued, run and stored →
+the URL and paste-able commands → serve until Ctrl-C (autoscaling events printed as they happen)
+→ delete the endpoint, leaving no process behind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from twinserve.cli.chat import CHAMPION_REF, DEMO_QUESTION, stream_chat
 
 if TYPE_CHECKING:
+    from twinserve.client import LLMClient
     from twinserve.platforms.local.platform import LocalPlatform
 
 out = Console()
@@ -62,6 +64,7 @@ def up_command(
             {
                 "name": name,
                 "variants": [{"model": model, "replicas": 1, "threads": _threads_per_replica(max_replicas)}],
+                "async": {"max_concurrent_invocations_per_replica": 8},
                 "autoscaling": {
                     "type": "target_tracking",
                     "target": target_concurrency,
@@ -86,6 +89,7 @@ def up_command(
         err.print(f"[bold]user:[/bold] {question}")
         with LLMClient(endpoint.url, api="openai") as client:
             stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
+            _one_async_job(client, question, max_new_tokens)
         out.print(_usage(name, endpoint.url, manager.runtime_api_url()), highlight=False, soft_wrap=True)
         _serve(manager, name, hold)
     except KeyboardInterrupt:
@@ -95,6 +99,21 @@ def up_command(
         _delete(manager, name)
         raise typer.Exit(1) from exc
     _delete(manager, name)
+
+
+def _one_async_job(client: LLMClient, question: str, max_new_tokens: int) -> None:
+    """The same question as an async job: queued (202), run by the workers, stored, read back."""
+    with err.status("queueing the same question as an async job …"):
+        job = client.submit_async(
+            messages=[{"role": "user", "content": question}], max_new_tokens=max_new_tokens
+        )
+        answer = job.result(timeout=600)
+    err.print(
+        f"[bold]async job[/bold] {job.inference_id}: succeeded, {answer.generated_tokens} tokens stored at "
+        f"{job.output_location}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _threads_per_replica(max_replicas: int) -> int:
@@ -130,6 +149,9 @@ def _usage(name: str, url: str, runtime_api: str | None = None) -> str:
                 if runtime_api
                 else []
             ),
+            "  async:  "
+            + curl("/async-invocations", {k: v for k, v in chat.items() if k != "stream"})
+            + "   then: twinserve jobs result ID --wait   (docs/async.md)",
             "  batch:  twinserve batch create JOB --model models:/llm-twin@champion --input FILE.jsonl "
             "--output DIR   (offline, in-process; docs/batch.md)",
             f"  status: twinserve endpoint describe {name}    load test: twinserve bench serve --url {url} "

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twinserve.client.async_jobs import AsyncInvocation, AsyncState, AsyncStatus
 from twinserve.client.llm_client import LLMClient
-from twinserve.client.transport import AsyncStreamResponse, HttpTransport, Response, StreamResponse, Transport
+from twinserve.client.transport import (
+    AsyncRef,
+    AsyncRequest,
+    AsyncStreamResponse,
+    HttpTransport,
+    Response,
+    StreamResponse,
+    Transport,
+)
 from twinserve.client.types import Api, FinishReason, GenerationResult, StreamChunk, TokenInfo
 
 __all__ = [
     "Api",
+    "AsyncInvocation",
+    "AsyncRef",
+    "AsyncRequest",
+    "AsyncState",
+    "AsyncStatus",
     "AsyncStreamResponse",
     "FinishReason",
     "GenerationResult",

@@ -25,6 +25,7 @@ from twinserve.errors import (
     ServerError,
     TwinserveError,
     UnauthorizedError,
+    UnreachableError,
     ValidationError,
 )
 from twinserve.server.protocol import openai as oai
@@ -59,6 +60,9 @@ _BY_TYPE: dict[str, type[TwinserveError]] = {
     "unhealthy": EngineDeadError,
     "not_ready": NotReadyError,
     "service_unavailable": EngineDeadError,
+    # what an async job's stored error body says when its last attempt got no answer
+    "timeout": RequestTimeoutError,
+    "unreachable": UnreachableError,
 }
 
 _MAX_RAW = 500  # characters of a non-JSON error body kept in the message

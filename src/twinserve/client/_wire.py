@@ -8,7 +8,8 @@ vendor extensions), so the server decides whether it accepts them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import ValidationError as PydanticValidationError
@@ -25,6 +26,12 @@ TGI_GENERATE = "/generate"
 TGI_STREAM = "/generate_stream"
 OPENAI_CHAT = "/v1/chat/completions"
 OPENAI_COMPLETION = "/v1/completions"
+INVOCATIONS = "/invocations"
+# the paths whose bodies SageMaker's single `/invocations` route takes ("/" is TGI's own root)
+TGI_PATHS = (TGI_GENERATE, TGI_STREAM, "/")
+INVOCATION_PATHS = frozenset({*TGI_PATHS, OPENAI_CHAT, OPENAI_COMPLETION, INVOCATIONS})
+
+Reader = Callable[[Response, str | None], GenerationResult]
 
 # TGI parameters with no OpenAI counterpart that are handled below, not passed through
 _TGI_ONLY = {"details", "decoder_input_details", "do_sample", "top_n_tokens", "return_full_text"}
@@ -86,7 +93,65 @@ def openai_body(
     return body
 
 
+def invocations_body(path: str, payload: Mapping[str, Any], *, stream: bool) -> bytes:
+    """The `/invocations` body (SageMaker's one route, where the body's shape picks the
+    protocol) for a request built for `path`: the sync SageMaker calls and every async job."""
+    if path not in INVOCATION_PATHS:
+        raise ValueError(
+            f"{path!r} has no /invocations equivalent: /invocations serves {sorted(INVOCATION_PATHS)}"
+        )
+    body = dict(payload)
+    if path in TGI_PATHS and path != "/":
+        parameters = dict(body.get("parameters") or {})
+        parameters.setdefault("return_full_text", False)  # /generate's default, not /invocations'
+        body["parameters"] = parameters
+    if stream:
+        body["stream"] = True
+    else:
+        body.pop("stream", None)
+    return json.dumps(body).encode()
+
+
 # ----------------------------------------------------------------- answers
+def unwrapped(path: str, data: bytes) -> bytes:
+    """TGI's answer on `/invocations` is `[{...}]`; `/generate`'s is `{...}`."""
+    if path != TGI_GENERATE:
+        return data
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return data  # not JSON: the client reports it as malformed
+    if isinstance(parsed, list) and len(parsed) == 1:
+        return json.dumps(parsed[0]).encode()
+    return data
+
+
+def answer_path(data: bytes) -> str:
+    """The route whose answer `data` is, told by its shape: for answers to requests the client
+    did not build itself (an async job's own body, or its input at a location)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise malformed("answer", exc) from exc
+    if isinstance(parsed, list) or (isinstance(parsed, dict) and "generated_text" in parsed):
+        return TGI_GENERATE
+    kind = parsed.get("object") if isinstance(parsed, dict) else None
+    if kind == "chat.completion":
+        return OPENAI_CHAT
+    if kind == "text_completion":
+        return OPENAI_COMPLETION
+    raise malformed("answer", ValueError("neither TGI's, a chat completion's nor a completion's"))
+
+
+def reader(path: str) -> Reader:
+    """How to read a unary answer of `path` into a `GenerationResult`."""
+    if path == OPENAI_CHAT:
+        return lambda response, rid: openai_result("chat", response, rid)
+    if path == OPENAI_COMPLETION:
+        return lambda response, rid: openai_result("completion", response, rid)
+    return tgi_result
+
+
 def tgi_result(response: Response, request_id: str | None) -> GenerationResult:
     try:
         parsed = tgi.GenerateResponse.model_validate_json(response.body)

@@ -1,7 +1,8 @@
 """`LLMClient`: the one way callers reach an LLM endpoint, TGI- or OpenAI-shaped.
 
 One request is one `_Call` (path, body, how to read the answer); the four loops below
-(sync/async × unary/stream) only add retries around a transport. Retries follow
+(sync/async × unary/stream) only add retries around a transport; the unary ones also carry
+the asynchronous invocations (`submit_async`, and the polls of `async_jobs.AsyncInvocation`). Retries follow
 `RetryPolicy` and never happen once a stream has handed out a chunk: the caller has
 already seen text that a second attempt might not reproduce.
 """
@@ -9,23 +10,29 @@ already seen text that a second attempt might not reproduce.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twinserve.client import _wire
 from twinserve.client._errors import error_from_response
 from twinserve.client._retry import RetryPolicy, retry_after
 from twinserve.client._stream import OpenAIStreamParser, StreamParser, TgiStreamParser
-from twinserve.client.transport import HttpTransport, Response, Transport
+from twinserve.client.async_jobs import AsyncInvocation, AsyncStatus, read_status
+from twinserve.client.transport import AsyncRequest, HttpTransport, Response, Transport
 from twinserve.client.types import Api, GenerationResult, StreamChunk
 from twinserve.errors import TwinserveError
 
 log = logging.getLogger(__name__)
 
 Messages = Sequence[Mapping[str, Any]]
+
+T = TypeVar("T")
+_ASYNC = "/async-invocations"
 
 DEFAULT_TIMEOUT = 120.0  # seconds without a byte from the server (a whole unary answer, or a chunk)
 
@@ -135,6 +142,76 @@ class LLMClient:
     def chat_stream(self, messages: Messages, **params: Any) -> Generator[StreamChunk, None, None]:
         return self._stream(self._chat_call(messages, params, stream=True))
 
+    def submit_async(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        body: Mapping[str, Any] | None = None,
+        input_location: str | None = None,
+        inference_id: str | None = None,
+        request_ttl_s: int | None = None,
+        invocation_timeout_s: int | None = None,
+        **params: Any,
+    ) -> AsyncInvocation:
+        """Queue a request on an async endpoint; returns at once (the endpoint answered 202).
+
+        Give one of: `prompt` (the body `generate` would send), `messages` (`chat`'s), `body`
+        (an `/invocations` body as it is: TGI's `inputs`, `messages` or `prompt`) or
+        `input_location` (`s3://…` or `file://…`, where such a body already is). `params` are
+        `generate`'s and `chat`'s parameters, with the client's defaults. `inference_id`
+        (default: a new one, so a retried submit is still one job), `request_ttl_s` and
+        `invocation_timeout_s` are SageMaker's InferenceId, RequestTTLSeconds and
+        InvocationTimeoutSeconds. `.result()` on what it returns waits for the answer.
+        """
+        request, path = self._async_request(
+            prompt,
+            messages,
+            body,
+            input_location,
+            params,
+            inference_id=inference_id,
+            request_ttl_s=request_ttl_s,
+            invocation_timeout_s=invocation_timeout_s,
+        )
+        accepted = self._unary(_ASYNC, lambda: self._transport.submit_job(request), read_status)
+        return self._invocation(accepted, path)
+
+    def _async_request(
+        self,
+        prompt: str | None,
+        messages: Messages | None,
+        body: Mapping[str, Any] | None,
+        input_location: str | None,
+        params: Mapping[str, Any],
+        **options: Any,
+    ) -> tuple[AsyncRequest, str | None]:
+        """The job to queue, and the route its body was built for (None: the caller's own body,
+        whose answer is read by its shape). `options`: AsyncRequest's id, TTL and timeout."""
+        given = {"prompt": prompt, "messages": messages, "body": body, "input_location": input_location}
+        named = [name for name, value in given.items() if value is not None]
+        if len(named) != 1:
+            raise ValueError(f"give exactly one of {', '.join(given)}, not {named}")
+        if params and (body is not None or input_location is not None):
+            raise ValueError(f"with {named[0]}, the parameters are in the body: not {sorted(params)}")
+        call: _Call | None = None
+        if prompt is not None:
+            call = self._generate_call(prompt, params, stream=False)
+        elif messages is not None:
+            call = self._chat_call(messages, params, stream=False)
+        if call is not None:  # the body the synchronous call sends, as /invocations takes it
+            data: bytes | None = _wire.invocations_body(call.path, call.body, stream=False)
+        else:
+            data = None if body is None else json.dumps(dict(body)).encode()
+        options["inference_id"] = options.get("inference_id") or uuid.uuid4().hex
+        request = AsyncRequest(body=data, input_location=input_location, **options)
+        return request, call.path if call is not None else None
+
+    def _invocation(self, accepted: AsyncStatus, path: str | None) -> AsyncInvocation:
+        return AsyncInvocation(
+            accepted.inference_id, accepted.output_location, accepted.failure_location, self, path
+        )
+
     def close(self) -> None:
         self._transport.close()
 
@@ -145,20 +222,27 @@ class LLMClient:
         self.close()
 
     def _send(self, call: _Call) -> GenerationResult:
+        return self._unary(call.path, lambda: self._transport.send(call.path, call.body), call.result)
+
+    def _unary(
+        self, what: str, request: Callable[[], Response], read: Callable[[Response, str | None], T]
+    ) -> T:
+        """`request()` until it answers 2xx (then `read` it) or fails for good; `what` names it in logs."""
         attempt = 0
         while True:
             hint: float | None = None
             try:
-                response = self._transport.send(call.path, call.body)
+                response = request()
                 rid = response.headers.get("x-request-id")
                 if not 200 <= response.status < 300:
                     hint = retry_after(response.headers)
                     raise error_from_response(response.status, response.body, rid)
-                return call.result(response, rid)
             except TwinserveError as exc:
                 if not self.retry.should_retry(exc, attempt):
                     raise
-                delay = self._delay(call, exc, attempt, hint)
+                delay = self._delay(what, exc, attempt, hint)
+            else:  # outside the retries: an answer that reads as an error (a failed job's) stays one
+                return read(response, rid)
             time.sleep(delay)
             attempt += 1
 
@@ -186,16 +270,16 @@ class LLMClient:
             except TwinserveError as exc:
                 if yielded or not self.retry.should_retry(exc, attempt):
                     raise
-                delay = self._delay(call, exc, attempt, hint)
+                delay = self._delay(call.path, exc, attempt, hint)
             time.sleep(delay)
             attempt += 1
 
-    def _delay(self, call: _Call, exc: TwinserveError, attempt: int, hint: float | None) -> float:
+    def _delay(self, what: str, exc: TwinserveError, attempt: int, hint: float | None) -> float:
         """Seconds to wait before the next attempt (logged: retries hide trouble otherwise)."""
         delay = self.retry.delay(attempt, hint)
         log.info(
             "retrying %s after %s (%d/%d) in %.2fs",
-            call.path,
+            what,
             type(exc).__name__,
             attempt + 1,
             self.retry.max_retries,
@@ -217,6 +301,32 @@ class LLMClient:
     def achat_stream(self, messages: Messages, **params: Any) -> AsyncGenerator[StreamChunk, None]:
         return self._astream(self._chat_call(messages, params, stream=True))
 
+    async def asubmit_async(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        body: Mapping[str, Any] | None = None,
+        input_location: str | None = None,
+        inference_id: str | None = None,
+        request_ttl_s: int | None = None,
+        invocation_timeout_s: int | None = None,
+        **params: Any,
+    ) -> AsyncInvocation:
+        """`submit_async` for asyncio; use `astatus()`/`aresult()` on what it returns."""
+        request, path = self._async_request(
+            prompt,
+            messages,
+            body,
+            input_location,
+            params,
+            inference_id=inference_id,
+            request_ttl_s=request_ttl_s,
+            invocation_timeout_s=invocation_timeout_s,
+        )
+        accepted = await self._aunary(_ASYNC, lambda: self._transport.asubmit_job(request), read_status)
+        return self._invocation(accepted, path)
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 
@@ -227,20 +337,26 @@ class LLMClient:
         await self.aclose()
 
     async def _asend(self, call: _Call) -> GenerationResult:
+        return await self._aunary(call.path, lambda: self._transport.asend(call.path, call.body), call.result)
+
+    async def _aunary(
+        self, what: str, request: Callable[[], Awaitable[Response]], read: Callable[[Response, str | None], T]
+    ) -> T:
         attempt = 0
         while True:
             hint: float | None = None
             try:
-                response = await self._transport.asend(call.path, call.body)
+                response = await request()
                 rid = response.headers.get("x-request-id")
                 if not 200 <= response.status < 300:
                     hint = retry_after(response.headers)
                     raise error_from_response(response.status, response.body, rid)
-                return call.result(response, rid)
             except TwinserveError as exc:
                 if not self.retry.should_retry(exc, attempt):
                     raise
-                delay = self._delay(call, exc, attempt, hint)
+                delay = self._delay(what, exc, attempt, hint)
+            else:  # outside the retries: an answer that reads as an error (a failed job's) stays one
+                return read(response, rid)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -268,6 +384,6 @@ class LLMClient:
             except TwinserveError as exc:
                 if yielded or not self.retry.should_retry(exc, attempt):
                     raise
-                delay = self._delay(call, exc, attempt, hint)
+                delay = self._delay(call.path, exc, attempt, hint)
             await asyncio.sleep(delay)
             attempt += 1

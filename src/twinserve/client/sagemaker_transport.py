@@ -12,6 +12,10 @@ picks the protocol there (as in the HF LLM DLC, and in our server's `/invocation
 `"stream": true`, its `PayloadPart`s re-assembled into SSE events (`_sse.SSEDecoder`), so the
 client parses the same `data:` strings as over HTTP.
 
+Asynchronous invocations: `submit_job` is `InvokeEndpointAsync` (the body inline, or uploaded
+first to `async_input_location`), `job_status`/`job_output` look at the output and failure
+objects in S3 (SageMaker has no status API; see `_sagemaker_async`).
+
 Errors come back as `Response`s when they are answers, so `LLMClient` maps them as it does
 for HTTP: a `ModelError` (the container answered 4xx/5xx) becomes that status with the
 container's body, a missing endpoint a 404, throttling a 429, `ModelNotReadyException` and
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -38,15 +41,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the [aws] extra
     raise ImportError("SageMakerTransport needs boto3: pip install 'twinserve[aws]'") from exc
 
-from twinserve.client import _wire
+from twinserve.client import _sagemaker_async, _wire
 from twinserve.client._sagemaker_errors import ClientError, error_response, stream_error, translated
 from twinserve.client._sse import SSEDecoder
 from twinserve.client._threads import ThreadPump
-from twinserve.client.transport import AsyncStreamResponse, Response, StreamResponse
+from twinserve.client.transport import AsyncRef, AsyncRequest, AsyncStreamResponse, Response, StreamResponse
 
 _JSON = "application/json"
-_TGI_PATHS = (_wire.TGI_GENERATE, _wire.TGI_STREAM, "/")
-_PATHS = frozenset({*_TGI_PATHS, _wire.OPENAI_CHAT, _wire.OPENAI_COMPLETION, "/invocations"})
 _LOCAL_REGION = "us-east-1"  # any region signs for the local gateway; botocore insists on one
 T = TypeVar("T")
 
@@ -62,6 +63,11 @@ class SageMakerTransport:
 
     The async methods run boto3's blocking calls in a pool of `max_pool_connections` threads
     of their own (the default executor has a handful, and would queue concurrent calls).
+
+    Async invocations: `async_input_location="s3://bucket/prefix"` uploads each body there and
+    sends its location (SageMaker's usual way, any size); without it the body goes inline
+    (`Body`, at most 128,000 bytes). Results are read with `s3_client` (default: one from the
+    same session), or from disk for the `file://` locations of a local endpoint.
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class SageMakerTransport:
         target_variant: str | None = None,
         custom_attributes: str | None = None,
         max_pool_connections: int = 64,
+        async_input_location: str | None = None,
+        s3_client: Any = None,
     ) -> None:
         self.endpoint_name = endpoint_name
         self.endpoint_url = endpoint_url
@@ -92,6 +100,10 @@ class SageMakerTransport:
         self._threads = max_pool_connections
         self._pool: ThreadPoolExecutor | None = None
         self.region = region or getattr(self._client.meta, "region_name", None)
+        self._session = session
+        self._s3_client = s3_client
+        self._owns_s3 = s3_client is None
+        self._jobs = _sagemaker_async.SageMakerJobs(async_input_location, self._s3)
 
     def __repr__(self) -> str:
         # never the credentials: only where the calls go
@@ -100,7 +112,7 @@ class SageMakerTransport:
 
     # ---------------------------------------------------------------- sync
     def send(self, path: str, payload: Mapping[str, Any]) -> Response:
-        body = _body(path, payload, stream=False)
+        body = _wire.invocations_body(path, payload, stream=False)
         with translated(self._where(path)):
             try:
                 out = self._client.invoke_endpoint(
@@ -109,7 +121,7 @@ class SageMakerTransport:
             except ClientError as exc:
                 return error_response(exc)
             data = out["Body"].read()
-        return Response(200, _headers(out), _unwrapped(path, data))
+        return Response(200, _headers(out), _wire.unwrapped(path, data))
 
     @contextlib.contextmanager
     def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[StreamResponse]:
@@ -127,7 +139,7 @@ class SageMakerTransport:
 
     def _open_stream(self, path: str, payload: Mapping[str, Any]) -> Response | tuple[dict[str, str], Any]:
         """The response headers and botocore's EventStream, or the error answer."""
-        body = _body(path, payload, stream=True)
+        body = _wire.invocations_body(path, payload, stream=True)
         with translated(self._where(path)):
             try:
                 out = self._client.invoke_endpoint_with_response_stream(
@@ -154,13 +166,50 @@ class SageMakerTransport:
                 raise stream_error(exc) from exc
             yield from decoder.end()
 
+    def submit_job(self, request: AsyncRequest) -> Response:
+        operation = self._client.meta.service_model.operation_model("InvokeEndpointAsync")
+        inline = "Body" in operation.input_shape.members
+        with translated(self._where("InvokeEndpointAsync")):
+            try:
+                args = self._jobs.invoke_args(request, inline_body=inline)
+                if "CustomAttributes" in self._extra:  # TargetVariant: not an async parameter
+                    args["CustomAttributes"] = self._extra["CustomAttributes"]
+                out = self._client.invoke_endpoint_async(EndpointName=self.endpoint_name, **args)
+            except ClientError as exc:
+                return error_response(exc)
+        answer = _sagemaker_async.accepted(out)
+        return Response(answer.status, {**_headers(out), **answer.headers}, answer.body)
+
+    def job_status(self, ref: AsyncRef) -> Response:
+        with translated(self._where(f"status of {ref.inference_id}")):
+            try:
+                return _sagemaker_async.status(ref, self._jobs.find(ref))
+            except ClientError as exc:
+                return error_response(exc)
+
+    def job_output(self, ref: AsyncRef) -> Response:
+        with translated(self._where(f"output of {ref.inference_id}")):
+            try:
+                found = self._jobs.find(ref)
+                return _sagemaker_async.not_finished(ref) if found is None else self._jobs.read(found)
+            except ClientError as exc:
+                return error_response(exc)
+
+    def _s3(self) -> Any:
+        if self._s3_client is None:
+            session = self._session or boto3.session.Session()
+            self._s3_client = session.client("s3", region_name=self.region)
+        return self._s3_client
+
     def close(self) -> None:
-        """Close the connections of a boto3 client made here (it reconnects if used again)."""
+        """Close the connections of boto3 clients made here (they reconnect if used again)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
         if self._owns_client:
             self._client.close()
+        if self._owns_s3 and self._s3_client is not None:
+            self._s3_client.close()
 
     # --------------------------------------------------------------- async
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -184,6 +233,15 @@ class SageMakerTransport:
             yield AsyncStreamResponse(200, headers, events=pump.events)
         finally:
             await pump.aclose()
+
+    async def asubmit_job(self, request: AsyncRequest) -> Response:
+        return await self._in_thread(self.submit_job, request)
+
+    async def ajob_status(self, ref: AsyncRef) -> Response:
+        return await self._in_thread(self.job_status, ref)
+
+    async def ajob_output(self, ref: AsyncRef) -> Response:
+        return await self._in_thread(self.job_output, ref)
 
     async def aclose(self) -> None:
         self.close()
@@ -210,35 +268,6 @@ def _make_client(
         max_pool_connections=max_pool_connections,
     )
     return session.client("sagemaker-runtime", region_name=region, endpoint_url=endpoint_url, config=config)
-
-
-def _body(path: str, payload: Mapping[str, Any], *, stream: bool) -> bytes:
-    """The `/invocations` body for a request meant for `path`."""
-    if path not in _PATHS:
-        raise ValueError(f"SageMakerTransport cannot send to {path!r}: SageMaker serves {sorted(_PATHS)}")
-    body = dict(payload)
-    if path in _TGI_PATHS and path != "/":
-        parameters = dict(body.get("parameters") or {})
-        parameters.setdefault("return_full_text", False)  # /generate's default, not /invocations'
-        body["parameters"] = parameters
-    if stream:
-        body["stream"] = True
-    else:
-        body.pop("stream", None)
-    return json.dumps(body).encode()
-
-
-def _unwrapped(path: str, data: bytes) -> bytes:
-    """TGI's answer on `/invocations` is `[{...}]`; `/generate`'s is `{...}`."""
-    if path not in (_wire.TGI_GENERATE,):
-        return data
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        return data  # not JSON: the client reports it as malformed
-    if isinstance(parsed, list) and len(parsed) == 1:
-        return json.dumps(parsed[0]).encode()
-    return data
 
 
 def _headers(out: Mapping[str, Any]) -> dict[str, str]:

@@ -6,6 +6,13 @@ for every transport) and translates its own failures into `UnreachableError` (no
 was sent, safe to retry) and `RequestTimeoutError`. A SageMaker-runtime transport
 plugs in here: `InvokeEndpoint` for `send`, `InvokeEndpointWithResponseStream` for
 `stream`, with the path telling it which body shape is coming.
+
+Asynchronous invocations (`submit_job`, `job_status`, `job_output` and their async twins)
+follow the job service's API: every transport answers as `POST /async-invocations` (202 and
+`{"inference_id", "status", "output_location", "failure_location"}`), `GET
+/async-invocations/{id}` (the job's status as JSON) and `GET /async-invocations/{id}/output`
+(the stored answer; a failed job's error body with `x-job-status: failed`; 409 while it runs)
+would, so `LLMClient` reads one shape whichever platform holds the job.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from contextlib import (
 )
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import EventSource, SSEError
@@ -56,6 +64,37 @@ class AsyncStreamResponse:
     body: bytes = b""
 
 
+@dataclass(frozen=True)
+class AsyncRequest:
+    """One asynchronous invocation to queue: its body inline, or the location of its input.
+
+    `request_ttl_s` and `invocation_timeout_s` are SageMaker's RequestTTLSeconds and
+    InvocationTimeoutSeconds (None: the endpoint's defaults).
+    """
+
+    body: bytes | None = None
+    input_location: str | None = None
+    content_type: str = "application/json"
+    accept: str = "application/json"
+    inference_id: str | None = None
+    request_ttl_s: int | None = None
+    invocation_timeout_s: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.body is None) == (self.input_location is None):
+            raise ValueError("an async request needs exactly one of body and input_location")
+
+
+@dataclass(frozen=True)
+class AsyncRef:
+    """What names a queued invocation: its id, and where its answer or error body will be
+    (a transport without a status API, SageMaker's, looks there)."""
+
+    inference_id: str
+    output_location: str | None = None
+    failure_location: str | None = None
+
+
 async def _no_events() -> AsyncIterator[str]:
     return
     yield  # pragma: no cover - makes this an async generator
@@ -73,6 +112,18 @@ class Transport(Protocol):
     def astream(
         self, path: str, payload: Mapping[str, Any]
     ) -> AbstractAsyncContextManager[AsyncStreamResponse]: ...
+
+    def submit_job(self, request: AsyncRequest) -> Response: ...
+
+    def job_status(self, ref: AsyncRef) -> Response: ...
+
+    def job_output(self, ref: AsyncRef) -> Response: ...
+
+    async def asubmit_job(self, request: AsyncRequest) -> Response: ...
+
+    async def ajob_status(self, ref: AsyncRef) -> Response: ...
+
+    async def ajob_output(self, ref: AsyncRef) -> Response: ...
 
     def close(self) -> None: ...
 
@@ -148,6 +199,24 @@ class HttpTransport:
             for event in EventSource(response).iter_sse():
                 yield event.data
 
+    def submit_job(self, request: AsyncRequest) -> Response:
+        with _translated(self.base_url, ASYNC_INVOCATIONS):
+            r = self._sync().post(
+                ASYNC_INVOCATIONS, content=request.body or b"", headers=_job_headers(request)
+            )
+            return Response(r.status_code, _headers(r), r.content)
+
+    def job_status(self, ref: AsyncRef) -> Response:
+        return self._get(_job_path(ref))
+
+    def job_output(self, ref: AsyncRef) -> Response:
+        return self._get(f"{_job_path(ref)}/output")
+
+    def _get(self, path: str) -> Response:
+        with _translated(self.base_url, path):
+            r = self._sync().get(path, headers=_ANY)
+            return Response(r.status_code, _headers(r), r.content)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -184,6 +253,24 @@ class HttpTransport:
             async for event in EventSource(response).aiter_sse():
                 yield event.data
 
+    async def asubmit_job(self, request: AsyncRequest) -> Response:
+        with _translated(self.base_url, ASYNC_INVOCATIONS):
+            r = await self._async().post(
+                ASYNC_INVOCATIONS, content=request.body or b"", headers=_job_headers(request)
+            )
+            return Response(r.status_code, _headers(r), r.content)
+
+    async def ajob_status(self, ref: AsyncRef) -> Response:
+        return await self._aget(_job_path(ref))
+
+    async def ajob_output(self, ref: AsyncRef) -> Response:
+        return await self._aget(f"{_job_path(ref)}/output")
+
+    async def _aget(self, path: str) -> Response:
+        with _translated(self.base_url, path):
+            r = await self._async().get(path, headers=_ANY)
+            return Response(r.status_code, _headers(r), r.content)
+
     async def aclose(self) -> None:
         if self._aclient is not None:
             await self._aclient.aclose()
@@ -191,6 +278,26 @@ class HttpTransport:
 
 
 _SSE = {"accept": "text/event-stream"}
+_ANY = {"accept": "*/*"}  # a stored answer comes in the type it was stored with
+ASYNC_INVOCATIONS = "/async-invocations"
+
+
+def _job_path(ref: AsyncRef) -> str:
+    return f"{ASYNC_INVOCATIONS}/{quote(ref.inference_id, safe='')}"
+
+
+def _job_headers(request: AsyncRequest) -> dict[str, str]:
+    """The job service's request headers (its names; the body, if any, goes as it is)."""
+    headers = {"content-type": request.content_type, "accept": request.accept}
+    for name, value in (
+        ("x-input-location", request.input_location),
+        ("x-inference-id", request.inference_id),
+        ("x-request-ttl-seconds", request.request_ttl_s),
+        ("x-invocation-timeout-seconds", request.invocation_timeout_s),
+    ):
+        if value is not None:
+            headers[name] = str(value)
+    return headers
 
 
 def _headers(response: httpx.Response) -> dict[str, str]:

@@ -14,6 +14,9 @@ Metrics over the window (`metric_value`; the reported per-replica number):
   mean replicas. The span is newest − oldest sample time; the oldest sample only marks where the
   span starts (its invocations were sent before it), so this needs ≥ 2 samples at different times.
 
+- backlog_per_replica (async endpoints): each sample's backlog (queued + running jobs) /
+  max(replicas, 1), plain mean (SageMaker's ApproximateBacklogSizePerInstance). Needs one sample.
+
 Load: the same quantity not divided by replicas (in-flight requests; invocations per minute).
 desired = ceil(load / target), which is ceil(current × metric / target) while every current
 replica is healthy. Load is measured directly so that replicas still starting (counted in
@@ -38,6 +41,12 @@ Step scaling (SageMaker StepScaling behind a CloudWatch alarm):
 - not within `cooldown_s` of the last scaling; a decision that removes replicas also needs a
   full window (as target tracking's scale-in), one that adds acts on the first data.
 
+Wake from zero (SageMaker's HasBacklogWithoutCapacity step policy): a variant at 0 replicas
+whose latest sample has a backlog goes to 1 at once, whatever the cooldowns or the window; it
+does not start the scale-out cooldown, so target tracking adds more as soon as the first
+replica serves. Scale-in to 0 (min_replicas 0) is an ordinary target-tracking scale-in: a full
+window with no backlog at all, after the scale-in cooldown — that is the idle period.
+
 Bounds: a current count outside [min_replicas, max_replicas] (e.g. 0 after replicas died) is
 moved back into bounds first, whatever the cooldowns and with or without data.
 """
@@ -60,9 +69,11 @@ from twinserve.deploy.spec import ScalingEvent
 
 CONCURRENCY = "concurrent_requests_per_replica"
 INVOCATIONS = "invocations_per_replica_per_minute"
+BACKLOG = "backlog_per_replica"
 _LABELS = {
     CONCURRENCY: "concurrent requests per replica",
     INVOCATIONS: "invocations per replica per minute",
+    BACKLOG: "backlog per replica",
 }
 # ceil(8.000000001) must stay 8: loads are sums and quotients of floats
 _EPS = 1e-9
@@ -78,6 +89,7 @@ class LoadSample:
     replicas: int  # replicas of the variant taking traffic (healthy) at that instant
     in_flight: int  # requests outstanding on them at that instant
     invocations: int  # requests the router sent to the variant since the previous sample
+    backlog: int = 0  # async endpoints: jobs queued or running at that instant
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ class Autoscaler:
         policy = self.policy
         if current_replicas < policy.min_replicas or current_replicas > policy.max_replicas:
             return self._into_bounds(variant, current_replicas)
+        if current_replicas == 0:
+            return self._wake(variant)
         stats = self._stats(variant)
         if stats is None:
             return None
@@ -185,7 +199,7 @@ class Autoscaler:
         """
         state = self._get(variant)
         now = self._clock()
-        if decision.is_scale_out:
+        if decision.is_scale_out and decision.from_replicas > 0:  # a wake from 0 starts no cooldown
             state.last_scale_out = now
         state.last_scaling = now
         state.samples.clear()
@@ -238,6 +252,14 @@ class Autoscaler:
         )
         return self._decision(variant, stats.value, current, new, reason)
 
+    def _wake(self, variant: str) -> ScalingDecision | None:
+        samples = self._get(variant).samples
+        backlog = samples[-1].backlog if samples else 0
+        if backlog <= 0 or self.policy.max_replicas < 1:
+            return None
+        reason = f"{backlog} job(s) waiting with no replica (HasBacklogWithoutCapacity): 0 → 1"
+        return self._decision(variant, float(backlog), 0, 1, reason)
+
     def _into_bounds(self, variant: str, current: int) -> ScalingDecision:
         lo, hi = self.policy.min_replicas, self.policy.max_replicas
         if current < lo:
@@ -254,6 +276,8 @@ class Autoscaler:
         samples = list(state.samples)
         if self.policy.metric == CONCURRENCY:
             return _concurrency_stats(samples)
+        if self.policy.metric == BACKLOG:
+            return _backlog_stats(samples)
         return _invocation_stats(samples)
 
     def _trim(self, state: _VariantState, now: float) -> None:
@@ -297,6 +321,19 @@ def _concurrency_stats(samples: Sequence[LoadSample]) -> _WindowStats | None:
         value=sum(s.in_flight / max(s.replicas, 1) for s in samples) / n,
         load=sum(s.in_flight for s in samples) / n,
         peak_load=float(max(s.in_flight for s in samples)),
+        span=samples[-1].time - samples[0].time,
+        count=n,
+    )
+
+
+def _backlog_stats(samples: Sequence[LoadSample]) -> _WindowStats | None:
+    if not samples:
+        return None
+    n = len(samples)
+    return _WindowStats(
+        value=sum(s.backlog / max(s.replicas, 1) for s in samples) / n,
+        load=sum(s.backlog for s in samples) / n,
+        peak_load=float(max(s.backlog for s in samples)),
         span=samples[-1].time - samples[0].time,
         count=n,
     )

@@ -55,7 +55,9 @@ class SageMakerSettings(BaseModel):
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Tags on every resource created.")
     mode: Literal["realtime", "async"] = Field(
-        "realtime", description="realtime (InvokeEndpoint); async is not implemented yet and is refused."
+        "realtime",
+        description="Kept for YAML that sets it: the endpoint's `async:` block is what makes it async "
+        "(InvokeEndpointAsync); `async` here without that block is refused.",
     )
     model_source: Literal["auto", "s3"] = Field(
         "auto",

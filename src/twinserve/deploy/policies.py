@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ScalingMetric = Literal["concurrent_requests_per_replica", "invocations_per_replica_per_minute"]
+ScalingMetric = Literal[
+    "concurrent_requests_per_replica", "invocations_per_replica_per_minute", "backlog_per_replica"
+]
 
 
 class TargetTrackingPolicy(BaseModel):
@@ -23,8 +25,10 @@ class TargetTrackingPolicy(BaseModel):
     metric: ScalingMetric = Field(
         "concurrent_requests_per_replica",
         description=(
-            "concurrent_requests_per_replica (SageMaker ConcurrentRequestsPerModel) or "
-            "invocations_per_replica_per_minute (SageMakerVariantInvocationsPerInstance)."
+            "concurrent_requests_per_replica (SageMaker ConcurrentRequestsPerModel), "
+            "invocations_per_replica_per_minute (SageMakerVariantInvocationsPerInstance) or, "
+            "for async endpoints, backlog_per_replica (ApproximateBacklogSizePerInstance: "
+            "queued + running jobs per replica)."
         ),
     )
     target: float = Field(gt=0, description="Desired metric value per replica.")

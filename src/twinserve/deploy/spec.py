@@ -2,7 +2,8 @@
 
 ```
 EndpointConfig ── variants: [VariantConfig {model, replicas, threads, device, limits: ServingLimits, weight}]
-               └─ autoscaling: TargetTrackingPolicy | StepScalingPolicy   (discriminated by `type`)
+               ├─ autoscaling: TargetTrackingPolicy | StepScalingPolicy   (discriminated by `type`)
+               └─ async: AsyncInferenceConfig    (a queue in front: POST /async-invocations, scale to 0)
 Endpoint (state) ── status: EndpointStatus, variants: [VariantState], replicas: [ReplicaRecord]
 ScalingEvent      one autoscaling decision (time, metric value, from → to, reason)
 ```
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from twinserve.config import Dtype, Quantize
+from twinserve.deploy.async_config import AsyncInferenceConfig
 from twinserve.deploy.pinning import PinnedModel
 from twinserve.deploy.platform_config import PlatformConfig
 from twinserve.deploy.policies import AutoscalingPolicy
@@ -133,7 +135,7 @@ class EndpointConfig(BaseModel):
     and written back as the same reference, so the key itself never lands in a file or a log.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(pattern=_DNS_LABEL, description="Endpoint name: a DNS label (a-z, 0-9, '-', ≤ 63).")
     variants: list[VariantConfig] = Field(min_length=1, description="≥ 1 variants with unique names.")
@@ -155,6 +157,12 @@ class EndpointConfig(BaseModel):
     platform: PlatformConfig = Field(
         default_factory=PlatformConfig, description="Where it runs (recorded: later commands need no flag)."
     )
+    async_inference: AsyncInferenceConfig | None = Field(
+        None,
+        alias="async",
+        description="Asynchronous inference (YAML `async:`): jobs through a durable queue, results "
+        "in a store, webhooks, autoscaling on backlog down to 0 replicas. None = real-time only.",
+    )
     _api_key_env: str | None = PrivateAttr(None)
 
     @field_validator("api_key", mode="before")
@@ -174,19 +182,23 @@ class EndpointConfig(BaseModel):
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
         if sum(v.weight for v in self.variants) <= 0:
             raise ValueError("at least one variant needs a weight > 0")
+        if self.async_inference is not None and len(self.variants) != 1:
+            raise ValueError("an async endpoint has exactly one variant (its queue feeds one model)")
         policy = self.autoscaling
         if policy is None:
             return self
-        if policy.min_replicas < 1:
+        if policy.min_replicas < 1 and self.async_inference is None:
             raise ValueError(
                 "autoscaling.min_replicas must be >= 1 for a real-time endpoint "
                 "(scale to zero needs a queue: use an async endpoint)"
             )
+        if policy.metric == "backlog_per_replica" and self.async_inference is None:
+            raise ValueError("autoscaling on backlog_per_replica needs an async endpoint (a queue)")
         if policy.variant is not None and policy.variant not in names:
             raise ValueError(f"autoscaling.variant {policy.variant!r} is not one of {names}")
         for v in self.variants:
             scaled = policy.variant is None or policy.variant == v.name
-            if scaled and not policy.min_replicas <= v.replicas <= policy.max_replicas:
+            if scaled and not max(policy.min_replicas, 1) <= v.replicas <= policy.max_replicas:
                 raise ValueError(
                     f"variant {v.name!r} starts with {v.replicas} replicas, outside autoscaling's "
                     f"{policy.min_replicas}..{policy.max_replicas}"
@@ -238,7 +250,10 @@ class EndpointConfig(BaseModel):
 
     def to_dict(self, *, reveal_secrets: bool = False) -> dict[str, Any]:
         """JSON-ready dict; the api_key is its `${ENV_VAR}` reference, masked, or (if asked) the key."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
+        secret = self.async_inference.notify_secret if self.async_inference is not None else None
+        if secret is not None and reveal_secrets:
+            data["async"]["notify_secret"] = secret.get_secret_value()
         if self.api_key is not None:
             if reveal_secrets:
                 data["api_key"] = self.api_key.get_secret_value()
@@ -371,6 +386,10 @@ class Endpoint(BaseModel):
     controller_pid: int | None = Field(
         None, ge=1, description="The endpoint's controller process (autoscaling, replacing replicas)."
     )
+    async_url: str | None = Field(
+        None, description="Async endpoints: the job service the router sends /async-invocations to."
+    )
+    async_pid: int | None = Field(None, ge=1, description="Async endpoints: the job service's process.")
     resources: dict[str, str] = Field(
         default_factory=dict,
         description="What the platform created for it, by kind (e.g. SageMaker model and config names).",

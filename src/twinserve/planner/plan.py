@@ -409,7 +409,14 @@ def _assemble(
             hours=best.job_hours / best.replicas, instances=best.replicas, usd=best.cost,
         )  # fmt: skip
     policy = None
-    if kind.keeps_endpoint:
+    if kind is DeploymentType.ASYNC:  # jobs wait in a queue: scale on it, down to zero when idle
+        policy = TargetTrackingPolicy(
+            metric="backlog_per_replica",
+            target=float(speed.concurrency),
+            min_replicas=0,
+            max_replicas=best.max_replicas,
+        )
+    elif kind.keeps_endpoint:
         policy = TargetTrackingPolicy(
             metric="concurrent_requests_per_replica",
             target=round(max(1.0, speed.concurrency * TARGET_UTILIZATION), 1),
@@ -445,7 +452,7 @@ def _assemble(
         batch=batch,
         endpoint_concurrency=concurrency,
         sagemaker_env=_sagemaker_env(ref, req, memory, limits),
-        endpoint_config=_endpoint_config(req, ref, best, memory, limits, policy),
+        endpoint_config=_endpoint_config(req, ref, best, memory, limits, policy, kind),
         candidates=[_candidate(o) for o in options],
         notes=_notes(req, kind, memory, inst, best.replicas),
     )
@@ -471,6 +478,7 @@ def _endpoint_config(
     memory: ReplicaMemory,
     limits: ServingLimits,
     policy: TargetTrackingPolicy | None,
+    kind: DeploymentType,
 ) -> EndpointConfig:
     variant: dict[str, Any] = {
         "name": "primary",
@@ -491,6 +499,9 @@ def _endpoint_config(
     }
     if policy is not None:
         data["autoscaling"] = policy.model_dump()
+    if kind is DeploymentType.ASYNC:
+        assert best.speed is not None
+        data["async"] = {"max_concurrent_invocations_per_replica": best.speed.concurrency}
     return EndpointConfig.model_validate(data)
 
 
@@ -533,8 +544,9 @@ def _notes(
         )
     if kind is DeploymentType.ASYNC:
         notes.append(
-            "async: scale on queue backlog per replica (SageMaker ApproximateBacklogSizePerInstance) with "
-            "min 0 replicas; the EndpointConfig keeps min 1 because `endpoint create` runs real-time endpoints"
+            "async: the EndpointConfig has an `async:` block and scales on the queue backlog per replica "
+            "(SageMaker ApproximateBacklogSizePerInstance) from 0 replicas when idle; give it an "
+            "output_location (s3:// on SageMaker) and webhooks or SNS topics (docs/async.md)"
         )
     if kind is DeploymentType.BATCH_TRANSFORM:
         notes.append(

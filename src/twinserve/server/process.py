@@ -39,22 +39,24 @@ def probe_client() -> httpx.Client:
     return httpx.Client(timeout=2.0)
 
 
-def is_healthy(url: str, timeout: float = 2.0) -> bool:
-    """`GET {url}/health` answers 200 (a server, a replica or a router)."""
+def is_healthy(url: str, timeout: float = 2.0, *, path: str = "/health") -> bool:
+    """`GET {url}{path}` answers 200 (a server, a replica or a router)."""
     try:
-        return probe_client().get(f"{url}/health", timeout=timeout).status_code == 200
+        return probe_client().get(f"{url}{path}", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def wait_until_healthy(url: str, timeout: float, *, gone: Callable[[], bool] = lambda: False) -> bool:
-    """Poll until `/health` is 200 (True); False at the timeout or as soon as `gone()` says the
-    process behind the URL has exited."""
+def wait_until_healthy(
+    url: str, timeout: float, *, gone: Callable[[], bool] = lambda: False, path: str = "/health"
+) -> bool:
+    """Poll until `path` (default `/health`) is 200 (True); False at the timeout or as soon as
+    `gone()` says the process behind the URL has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if gone():
             return False
-        if is_healthy(url):
+        if is_healthy(url, path=path):
             return True
         time.sleep(0.1)
     return False

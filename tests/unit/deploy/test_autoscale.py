@@ -353,3 +353,67 @@ def test_to_event() -> None:
     assert event.metric == "concurrent_requests_per_replica" and event.metric_value == 6.0
     assert (event.from_replicas, event.to_replicas) == (1, 2) and event.reason == d.reason
     assert event.time.tzinfo is not None
+
+
+# --- async endpoints: backlog per replica, scale to zero, wake from zero ---
+
+
+def backlog_feed(a: Autoscaler, clock: FakeClock, seconds: int, *, replicas: int, backlog: int) -> None:
+    for _ in range(seconds):
+        clock.t += 1.0
+        a.observe("primary", LoadSample(clock.t, replicas, 0, 0, backlog=backlog))
+
+
+def test_backlog_target_tracking_scales_out_on_jobs_per_replica() -> None:
+    a, clock = scaler(tracking(metric="backlog_per_replica", target=5, min_replicas=0, max_replicas=4))
+    backlog_feed(a, clock, 3, replicas=1, backlog=18)
+    d = apply(a, a.decide("primary", 1))
+    assert (d.from_replicas, d.to_replicas) == (1, 4)  # ceil(18 / 5) = 4
+    assert d.metric == "backlog_per_replica" and d.metric_value == pytest.approx(18.0)
+    assert "backlog per replica 18.00 > target 5" in d.reason
+
+
+def test_idle_backlog_scales_in_to_zero_only_after_a_full_quiet_window_and_cooldown() -> None:
+    a, clock = scaler(
+        tracking(
+            metric="backlog_per_replica", target=5, min_replicas=0, max_replicas=2, scale_in_cooldown_s=30
+        )
+    )
+    backlog_feed(a, clock, 9, replicas=1, backlog=0)
+    assert a.decide("primary", 1) is None  # the window (10 s) is not full yet
+    backlog_feed(a, clock, 5, replicas=1, backlog=0)
+    d = apply(a, a.decide("primary", 1))
+    assert (d.from_replicas, d.to_replicas) == (1, 0)
+    # one job in the window keeps the replica: the peak must fit in zero replicas, and only 0 does
+    a2, clock2 = scaler(tracking(metric="backlog_per_replica", target=5, min_replicas=0, max_replicas=2))
+    backlog_feed(a2, clock2, 8, replicas=1, backlog=0)
+    backlog_feed(a2, clock2, 1, replicas=1, backlog=1)
+    backlog_feed(a2, clock2, 8, replicas=1, backlog=0)
+    assert a2.decide("primary", 1) is None
+
+
+def test_a_job_wakes_a_variant_at_zero_at_once_whatever_the_cooldowns() -> None:
+    a, clock = scaler(
+        tracking(
+            metric="backlog_per_replica", target=5, min_replicas=0, max_replicas=3, scale_out_cooldown_s=600
+        )
+    )
+    backlog_feed(a, clock, 14, replicas=1, backlog=0)
+    apply(a, a.decide("primary", 1))  # 1 → 0
+    backlog_feed(a, clock, 3, replicas=0, backlog=0)
+    assert a.decide("primary", 0) is None  # nothing waiting: stay at zero
+    backlog_feed(a, clock, 1, replicas=0, backlog=12)
+    wake = apply(a, a.decide("primary", 0))
+    assert (wake.from_replicas, wake.to_replicas) == (0, 1)
+    assert "HasBacklogWithoutCapacity" in wake.reason
+    # the wake starts no scale-out cooldown: once the first replica serves, target tracking adds more
+    backlog_feed(a, clock, 1, replicas=1, backlog=12)
+    more = a.decide("primary", 1)
+    assert more is not None and (more.from_replicas, more.to_replicas) == (1, 3)
+
+
+def test_wake_needs_the_latest_sample_to_have_a_backlog() -> None:
+    a, clock = scaler(tracking(metric="backlog_per_replica", target=5, min_replicas=0, max_replicas=3))
+    backlog_feed(a, clock, 1, replicas=0, backlog=4)
+    backlog_feed(a, clock, 1, replicas=0, backlog=0)  # a job came and expired/was purged
+    assert a.decide("primary", 0) is None

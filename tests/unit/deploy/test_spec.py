@@ -230,3 +230,68 @@ def test_new_endpoint_aims_at_initial_replicas() -> None:
     ]
     with pytest.raises(ValidationError, match="carries the config"):
         Endpoint(name="other", config=config)
+
+
+# --- async endpoints ---
+
+
+def _async_cfg(**extra: object) -> dict[str, object]:
+    return {"name": "twin", "variants": [{"model": "/m"}], "async": {}, **extra}
+
+
+def test_async_block_in_yaml_round_trips_with_its_secret_masked_unless_revealed() -> None:
+    from twinserve.deploy.spec import EndpointConfig
+
+    cfg = EndpointConfig.from_yaml(
+        "name: twin\nvariants: [{model: /m}]\n"
+        "async:\n  max_concurrent_invocations_per_replica: 3\n  notify_success_url: http://127.0.0.1:9/hook\n"
+        "  notify_secret: s3cret\n"
+    )
+    assert cfg.async_inference is not None and cfg.async_inference.max_concurrent_invocations_per_replica == 3
+    shown = cfg.to_dict()
+    assert shown["async"]["notify_secret"] == "**********" and "s3cret" not in cfg.to_yaml()
+    assert cfg.to_dict(reveal_secrets=True)["async"]["notify_secret"] == "s3cret"
+    again = EndpointConfig.from_dict(cfg.to_dict(reveal_secrets=True))
+    assert again.async_inference == cfg.async_inference
+    with pytest.raises(ValueError, match="masked"):
+        EndpointConfig.from_dict(shown)
+
+
+def test_scale_to_zero_and_backlog_scaling_need_an_async_endpoint() -> None:
+    from twinserve.deploy.spec import EndpointConfig
+
+    zero = {"type": "target_tracking", "target": 4, "min_replicas": 0, "max_replicas": 2}
+    with pytest.raises(ValueError, match="scale to zero needs a queue"):
+        EndpointConfig.model_validate({"name": "twin", "variants": [{"model": "/m"}], "autoscaling": zero})
+    backlog = {**zero, "min_replicas": 1, "metric": "backlog_per_replica"}
+    with pytest.raises(ValueError, match="needs an async endpoint"):
+        EndpointConfig.model_validate({"name": "twin", "variants": [{"model": "/m"}], "autoscaling": backlog})
+    cfg = EndpointConfig.model_validate(_async_cfg(autoscaling={**zero, "metric": "backlog_per_replica"}))
+    assert cfg.autoscaling is not None and cfg.autoscaling.min_replicas == 0
+    assert cfg.variants[0].replicas == 1  # it starts with one replica, then scales in when idle
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"output_location": "ftp://x/y"}, "results location"),
+        ({"notify_error_url": "file:///tmp/hook"}, "http:// or https://"),
+        ({"notify_secret": "k"}, "no webhook"),
+        ({"request_ttl_s": 7 * 3600}, "less than or equal"),
+        ({"max_concurrent_invocations_per_replica": 0}, "greater than or equal"),
+    ],
+)
+def test_bad_async_settings_are_refused_with_the_reason(block: dict[str, object], message: str) -> None:
+    from twinserve.deploy.spec import EndpointConfig
+
+    with pytest.raises(ValueError, match=message):
+        EndpointConfig.model_validate(_async_cfg(**{"async": block}))
+
+
+def test_an_async_endpoint_has_one_variant() -> None:
+    from twinserve.deploy.spec import EndpointConfig
+
+    with pytest.raises(ValueError, match="exactly one variant"):
+        EndpointConfig.model_validate(
+            {"name": "twin", "variants": [{"model": "/m"}, {"name": "b", "model": "/m"}], "async": {}}
+        )

@@ -106,7 +106,11 @@ def test_clients_that_do_not_wait_get_async() -> None:
     assert plan.deployment.type is DeploymentType.ASYNC
     assert "do not wait" in plan.deployment.reason
     assert any("ApproximateBacklogSizePerInstance" in n for n in plan.notes)
-    assert plan.autoscaling is not None  # the EndpointConfig keeps min 1 (real-time runtime)
+    assert plan.autoscaling is not None and plan.autoscaling.metric == "backlog_per_replica"
+    assert plan.autoscaling.min_replicas == 0  # idle: no replica runs
+    cfg = plan.endpoint_config
+    assert cfg.async_inference is not None and cfg.autoscaling == plan.autoscaling
+    assert cfg.async_inference.max_concurrent_invocations_per_replica == plan.speed.concurrency
 
 
 def test_requests_longer_than_the_realtime_timeout_go_async() -> None:

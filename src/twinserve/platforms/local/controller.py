@@ -2,8 +2,8 @@
 
 One detached process per endpoint (started by `create`, restarted by `endpoint reconcile`)
 does what SageMaker's control plane does for an endpoint in the background:
-- every `--interval` s it samples the router's load per variant (`/router/stats`) into the
-  autoscaler's window and applies the policy's decision with `LocalPlatform.scale`,
+- every `--interval` s it samples the router's load per variant (`/router/stats`) — and, for
+  an async endpoint, the job service's backlog (`/async/stats`) — into the autoscaler's window and applies the policy's decision with `LocalPlatform.scale`,
   recording a ScalingEvent;
 - every `--reconcile-every` s it reconciles: replaces dead replicas, restarts a dead router,
   recovers an operation whose process died.
@@ -104,22 +104,25 @@ class Controller:
             return
         try:
             stats = RouterClient(endpoint).stats()
+            backlog = self._backlog(endpoint)
         except (httpx.HTTPError, ValueError) as exc:
-            log.warning("no load sample (router: %s)", exc)
+            log.warning("no load sample (router or job service: %s)", exc)
             return
         now = self.clock()
         for variant in endpoint.config.variants:
             group = traffic_group(variant.name, endpoint.generation)
             s = stats.get(group)
-            if s is None:
+            if s is None and backlog is None:
                 continue
-            last = self._routed.get(group, s.routed_total)
-            self._routed[group] = s.routed_total
+            routed = s.routed_total if s is not None else self._routed.get(group, 0)
+            last = self._routed.get(group, routed)
+            self._routed[group] = routed
             sample = LoadSample(
                 time=now,
-                replicas=s.replicas,
-                in_flight=s.in_flight,
-                invocations=max(0, s.routed_total - last),
+                replicas=s.replicas if s is not None else 0,  # scaled to zero: no group in the router
+                in_flight=s.in_flight if s is not None else 0,
+                invocations=max(0, routed - last),
+                backlog=backlog or 0,
             )
             scaler.observe(variant.name, sample)
             decision = scaler.decide(variant.name, endpoint.desired(variant.name))
@@ -137,6 +140,17 @@ class Controller:
                 log.error("scaling failed: %s", exc)
             scaler.scaled(variant.name, decision)
             return  # the endpoint changed: read it again next tick
+
+    @staticmethod
+    def _backlog(endpoint: Endpoint) -> int | None:
+        """Jobs queued or running (async endpoints), from the job service; None for real-time."""
+        if endpoint.config.async_inference is None:
+            return None
+        if endpoint.async_url is None:
+            raise ValueError("the job service has no URL yet")
+        response = httpx.get(f"{endpoint.async_url}/async/stats", timeout=5.0)
+        response.raise_for_status()
+        return int(response.json()["backlog"])
 
 
 def run(manager: LocalPlatform, name: str, *, interval: float = 1.0, reconcile_every: float = 2.0) -> None:

@@ -1,7 +1,7 @@
 """The control plane of real-time endpoints on one machine.
 
 ```
-create:    Creating ─► replicas (healthy) ─► router ─► controller ─► InService
+create:    Creating ─► replicas (healthy) ─► router ─► [job service] ─► controller ─► InService
            any failure ─► stop what was started ─► Failed (reason: the replica's log tail) ─► raise
 update:    Updating ─► green replicas (generation N+1) healthy in the router ─► traffic to green in
            steps (canary %, bake) ─► commit ─► blue drained and stopped ─► InService
@@ -50,7 +50,10 @@ from twinserve.deploy.state import StateStore
 from twinserve.errors import BusyError, ModelLoadError, NotFoundError, ValidationError
 from twinserve.platforms.local.daemons import Daemon
 from twinserve.platforms.local.gateway import GatewayStartError, ensure_gateway, gateway_url, stop_gateway
+from twinserve.platforms.local.job_service import LOG as JOB_SERVICE_LOG
+from twinserve.platforms.local.job_service import JobService
 from twinserve.platforms.local.local_runtime import LocalRuntime
+from twinserve.platforms.local.ports import port_free, port_of
 from twinserve.platforms.local.reconciler import LIVE, Reconciler
 from twinserve.platforms.local.router.client import ROUTER_SEES_S, RouterClient
 from twinserve.platforms.local.router.process import MODULE as ROUTER_MODULE
@@ -83,7 +86,7 @@ class LocalPlatform:
         native_routing=False,  # our router
         native_autoscaling=False,  # our controller
         traffic_shifting=frozenset({"weights", "canary"}),
-        scale_to_zero=False,  # until async endpoints (a queue) exist
+        scale_to_zero=True,  # async endpoints: the queue holds jobs while no replica runs
         runtime_api=True,  # through the local SageMaker Runtime gateway
     )
 
@@ -92,6 +95,7 @@ class LocalPlatform:
         self.runtime = runtime or LocalRuntime(self.store, home=self.store.path.parent.parent)
         self.router = Daemon(ROUTER_MODULE, ROUTER_LOG)
         self.controller = Daemon(CONTROLLER_MODULE, CONTROLLER_LOG)
+        self.job_service = JobService(self.store, self.home)
         self._reconciler = Reconciler(self)
 
     def endpoint_dir(self, name: str) -> Path:
@@ -138,6 +142,9 @@ class LocalPlatform:
             progress("starting the router")
             self.start_router(self.store.get_endpoint(name))
             progress("router is up")
+            if config.async_inference is not None:
+                progress("starting the job service (async invocations)")
+                self.start_job_service(self.store.get_endpoint(name))
             if controller:
                 self.start_controller(name)
         except BaseException as exc:  # Ctrl-C included: nothing may be left running
@@ -232,8 +239,8 @@ class LocalPlatform:
     # ------------------------------------------------------------ router and controller processes
     def start_router(self, endpoint: Endpoint) -> None:
         """Start the router; on the port of its recorded URL when that is free (the URL is stable)."""
-        port = _port_of(endpoint.url) if endpoint.url else None
-        if port is None or not _port_free(port):
+        port = port_of(endpoint.url) if endpoint.url else None
+        if port is None or not port_free(port):
             port = free_port()
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
@@ -242,7 +249,11 @@ class LocalPlatform:
         self.store.update_endpoint(
             name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
         )
-        if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None):
+        # scaled to zero (async), there is no replica to be healthy with: the router just has to serve
+        path = (
+            "/health" if any(endpoint.desired(v.name) for v in endpoint.config.variants) else "/router/live"
+        )
+        if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None, path=path):
             return
         log_tail = tail_lines(self.endpoint_dir(name) / ROUTER_LOG, 20)
         if proc.poll() is not None:
@@ -256,12 +267,16 @@ class LocalPlatform:
         proc = self.controller.start(name, args, self.endpoint_dir(name))
         self.store.update_endpoint(name, lambda ep: ep.model_copy(update={"controller_pid": proc.pid}))
 
+    def start_job_service(self, endpoint: Endpoint) -> None:
+        """Start an async endpoint's job service (see `platforms.local.job_service`)."""
+        self.job_service.start(endpoint, self.endpoint_dir(endpoint.name))
+
     def router_alive(self, endpoint: Endpoint) -> bool:
-        """The recorded router process is running and its `/health` is 200."""
+        """The recorded router process is running and serves (`/router/live`, replicas or not)."""
         return (
             endpoint.url is not None
             and self.router.is_ours(endpoint.router_pid, endpoint.name)
-            and is_healthy(endpoint.url)
+            and is_healthy(endpoint.url, path="/router/live")
         )
 
     def controller_alive(self, endpoint: Endpoint) -> bool:
@@ -305,6 +320,7 @@ class LocalPlatform:
         out = {r.id: self.runtime.replica_logs(r, lines) for r in endpoint.replicas}
         for label, file in (
             ("router", ROUTER_LOG),
+            ("jobs", JOB_SERVICE_LOG),
             ("controller", CONTROLLER_LOG),
             ("control", PROVISION_LOG),
         ):
@@ -369,6 +385,10 @@ class LocalPlatform:
         """
         ep = self.store.get_endpoint(name)
         v = ep.config.variant(variant) if variant else ep.config.variants[0]
+        if replicas < (0 if ep.config.async_inference is not None else 1):
+            raise ValidationError(
+                f"{replicas} replicas: a real-time endpoint needs at least 1 (0 is for async)"
+            )
         policy = ep.config.autoscaling
         scaled = event is None and policy is not None and policy.variant in (None, v.name)
         if scaled and policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
@@ -499,11 +519,12 @@ class LocalPlatform:
         return True
 
     def stop_all(self, name: str, drain_timeout: float) -> None:
-        """Controller first (it would replace what we stop), router next (no new requests reach
-        replicas), then every replica in parallel."""
+        """Controller first (it would replace what we stop), the job service next (no new jobs
+        leased), router next (no new requests reach replicas), then every replica in parallel."""
         with contextlib.suppress(NotFoundError):
             ep = self.store.get_endpoint(name)
             self.controller.stop(name, ep.controller_pid, _EXIT_GRACE_S)
+            self.job_service.stop(ep, drain_timeout + _EXIT_GRACE_S)
             self.router.stop(name, ep.router_pid, drain_timeout + _EXIT_GRACE_S)
         records = self.store.replicas(name)
         if records:
@@ -534,26 +555,6 @@ def _with_policy(ep: Endpoint, policy: AutoscalingPolicy | None) -> EndpointConf
 
 def _can_scale(ep: Endpoint) -> str | None:
     return None if ep.status is EndpointStatus.IN_SERVICE else f"it is {ep.status}, not InService"
-
-
-def _port_of(url: str) -> int | None:
-    try:
-        return int(url.rsplit(":", 1)[1].split("/")[0])
-    except (IndexError, ValueError):
-        return None
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        # as uvicorn binds: connections of the dead router in TIME_WAIT must not block the port
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@ Run every few seconds by the endpoint's controller and by `twinserve endpoint re
 3. a dead replica is replaced; a live one failing `/health` for 30 s (seen by repeated calls)
    is replaced;
 4. each variant's live replicas are brought to its desired count;
-5. a dead router is restarted on the same port (the URL stays), and on request a dead
-   controller.
+5. a dead router is restarted on the same port (the URL stays), then a dead job service (async
+   endpoints), and on request a dead controller.
 A cheap read-only look comes first; the endpoint is taken (as operation "reconcile") only when
 something needs doing, so a healthy endpoint costs a few probes and no writes.
 """
@@ -76,6 +76,10 @@ class Reconciler:
             if not self.manager.router_alive(ep):
                 did("the router was down; restarting it")
                 self.manager.start_router(ep)
+                ep = self.manager.store.get_endpoint(name)
+            if not self.manager.job_service.alive(ep):
+                did("the job service was down; restarting it")
+                self.manager.start_job_service(ep)
             if ensure_controller and not self.manager.controller_alive(ep):
                 did("the controller was down; restarting it")
                 self.manager.start_controller(name)
@@ -105,7 +109,7 @@ class Reconciler:
                 return True
         if ensure_controller and not self.manager.controller_alive(ep):
             return True
-        return not self.manager.router_alive(ep)
+        return not self.manager.router_alive(ep) or not self.manager.job_service.alive(ep)
 
     def _recover(self, ep: Endpoint, did: Progress) -> None:
         """Finish or undo what an operation whose process died left behind."""

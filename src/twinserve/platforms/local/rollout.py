@@ -59,7 +59,9 @@ def update(
     """
     if target.name != name:
         raise ValidationError(f"the config is for endpoint {target.name!r}, not {name!r}")
-    current_key = manager.store.get_endpoint(name).config.api_key
+    current = manager.store.get_endpoint(name).config
+    _check_async_change(current, target)
+    current_key = current.api_key
     if _secret(target.api_key) != _secret(current_key):
         raise ValidationError(
             "an update cannot change the API key (clients and replicas would disagree mid-update); "
@@ -112,9 +114,30 @@ def update(
     blue = [r for r in manager.store.replicas(name) if r.generation < generation]
     progress(f"draining {len(blue)} replica(s) of generation {generation - 1}")
     manager.retire(name, blue, ep.config.drain_timeout_s)
+    if target.async_inference is not None and target.async_inference != ep.config.async_inference:
+        progress("the async settings changed: restarting the job service (same queue, same URL)")
+        serving = manager.store.get_endpoint(name)
+        manager.job_service.stop(serving, serving.config.drain_timeout_s + 10)
+        manager.start_job_service(manager.store.get_endpoint(name))
     manager.store.end_operation(name, EndpointStatus.IN_SERVICE, clear_failure=True)
     progress(f"endpoint {name!r} is InService on generation {generation}")
     return manager.describe(name)
+
+
+def _check_async_change(current: EndpointConfig, target: EndpointConfig) -> None:
+    """An update keeps the endpoint's kind and its queue: jobs already accepted must stay reachable."""
+    before, after = current.async_inference, target.async_inference
+    if (before is None) != (after is None):
+        kind = "async" if after is not None else "real-time"
+        raise ValidationError(
+            f"an update cannot make the endpoint {kind}: its clients and queue would change under "
+            "them; create a new endpoint instead"
+        )
+    if before is not None and after is not None and before.queue_url != after.queue_url:
+        raise ValidationError(
+            "an update cannot move the endpoint's queue (async.queue_url): the jobs it holds would be "
+            "stranded; drain it, then create a new endpoint"
+        )
 
 
 def _shift(manager: LocalPlatform, name: str, router: RouterClient, share: float, progress: Progress) -> None:

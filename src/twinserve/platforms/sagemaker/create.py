@@ -2,8 +2,9 @@
 
 ```
 prepare (no AWS) ─► credentials, no endpoint of that name on AWS, Hub token ─► Creating (names
-recorded) ─► weights to S3 once ─► create_model per variant ─► create_endpoint_config ─►
-create_endpoint ─► wait InService ─► autoscaling ─► InService
+recorded) ─► weights to S3 once ─► create_model per variant ─► create_endpoint_config (with
+AsyncInferenceConfig for an `async:` endpoint) ─► create_endpoint ─► wait InService ─► autoscaling
+─► InService
 any failure, Ctrl-C included ─► teardown of what was recorded ─► Failed (reason) ─► raise
 SageMaker says Failed ─► FailureReason + CloudWatch log tail in the reason; kept if keep_on_failure
 ```
@@ -140,7 +141,7 @@ def _new_endpoint(gen: Generation, account: str) -> Endpoint:
         "operation": "create",
         "operation_pid": os.getpid(),
         "resources": res,
-        "url": runtime_url(gen.region, gen.endpoint),
+        "url": runtime_url(gen.region, gen.endpoint, asynchronous=gen.async_inference is not None),
     }
     return Endpoint.new(gen.config).model_copy(update=update)
 

@@ -118,9 +118,10 @@ def dlc_image(region: str, version: str | None = None) -> str:
     return f"{account}.dkr.ecr.{region}.{domain(region)}/{REPOSITORY}:{tag}"
 
 
-def runtime_url(region: str, endpoint: str) -> str:
-    """The SageMaker Runtime InvokeEndpoint URL of an endpoint."""
-    return f"https://runtime.sagemaker.{region}.{domain(region)}/endpoints/{endpoint}/invocations"
+def runtime_url(region: str, endpoint: str, *, asynchronous: bool = False) -> str:
+    """The SageMaker Runtime URL of an endpoint: InvokeEndpoint's, or InvokeEndpointAsync's."""
+    route = "async-invocations" if asynchronous else "invocations"
+    return f"https://runtime.sagemaker.{region}.{domain(region)}/endpoints/{endpoint}/{route}"
 
 
 def log_group(endpoint: str) -> str:

@@ -97,3 +97,15 @@ def check_bucket(bucket: str) -> str:
             f"{bucket!r} is not a valid S3 bucket name", param="platform.sagemaker.model_data_bucket"
         )
     return bucket
+
+
+def check_s3_uri(uri: str, param: str) -> str:
+    """`uri` if it is s3://BUCKET[/PREFIX] with a valid bucket name (SageMaker writes there)."""
+    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+    if not uri.startswith("s3://") or not _BUCKET.fullmatch(bucket) or ".." in bucket or len(uri) > 512:
+        raise ValidationError(
+            f"{param} is {uri!r}; SageMaker writes async results to S3: give s3://BUCKET/PREFIX "
+            "(at most 512 characters)",
+            param=param,
+        )
+    return uri

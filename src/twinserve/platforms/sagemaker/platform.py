@@ -1,4 +1,4 @@
-"""SageMakerPlatform: real-time endpoints on Amazon SageMaker with the Hugging Face LLM DLC (TGI).
+"""SageMakerPlatform: real-time and async endpoints on Amazon SageMaker with the Hugging Face LLM DLC (TGI).
 
 ```
 create:  check everything (prepare.py) ─► Creating ─► weights to S3 once ─► create_model (each
@@ -57,7 +57,8 @@ STATUS = {
 
 
 class SageMakerPlatform:
-    """Create, update, scale and delete SageMaker real-time endpoints; state in a `StateStore`.
+    """Create, update, scale and delete SageMaker endpoints (real-time, or async with an `async:`
+    block: SageMaker's AsyncInferenceConfig, see `async_inference.py`); state in a `StateStore`.
 
     `session` is the boto3 session (default: boto3's chain: env, profile, instance role);
     `poll_interval_s` how often DescribeEndpoint is polled while waiting.
@@ -68,7 +69,7 @@ class SageMakerPlatform:
         native_routing=True,
         native_autoscaling=True,
         traffic_shifting=frozenset({"canary", "all_at_once"}),
-        scale_to_zero=False,
+        scale_to_zero=True,  # async endpoints only (autoscaling from 0 on HasBacklogWithoutCapacity)
         runtime_api=True,
     )
 
@@ -141,8 +142,10 @@ class SageMakerPlatform:
         ep = self.store.get_endpoint(name)
         v = ep.config.variant(variant) if variant else ep.config.variants[0]
         policy = ep.config.autoscaling
-        if replicas < 1:
-            raise ValidationError("a real-time SageMaker endpoint runs at least 1 instance per variant")
+        if replicas < (0 if ep.config.async_inference is not None else 1):
+            raise ValidationError(
+                "a real-time SageMaker endpoint runs at least 1 instance per variant (0 is for async endpoints)"
+            )
         scaled = policy is not None and policy.variant in (None, v.name)
         if scaled and policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
             raise ValidationError(

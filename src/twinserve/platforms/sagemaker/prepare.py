@@ -3,10 +3,11 @@
 ```
 EndpointConfig ─► settings (region, role, image, names) ─► pin each variant ─► where its weights
 come from (Hub id + commit, or the registry's files in S3) ─► planner: instance, limits, timeouts
-─► container env ─► Generation (what create/update then create, step by step)
+─► container env ─► async: AsyncInferenceConfig ─► Generation (what create/update then create)
 ```
 A bad input (unknown region, no role, a name SageMaker refuses, an instance type it does not
-offer, a model too big for it) fails here, so nothing is ever half-created because of it.
+offer, a model too big for it, an async output that is not on S3, a webhook) fails here, so
+nothing is ever half-created because of it.
 The Hub token is not part of this: it is read from Secrets Manager right before `create_model`
 and never leaves the call.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,7 +25,7 @@ from twinserve.deploy.platform_config import SageMakerSettings
 from twinserve.deploy.spec import EndpointConfig, VariantConfig
 from twinserve.errors import NotFoundError, ValidationError
 from twinserve.planner.model_shape import ModelSource
-from twinserve.platforms.sagemaker import images, names
+from twinserve.platforms.sagemaker import async_inference, images, names
 from twinserve.platforms.sagemaker.model_data import ModelData
 from twinserve.platforms.sagemaker.sizing import VariantSizing, size_variant
 from twinserve.registry.versions import VersionInfo
@@ -72,6 +74,9 @@ class Generation(BaseModel):
     config_name: str = Field(description="Endpoint config name.")
     config: EndpointConfig = Field(description="The config, pinned, with region and role filled in.")
     variants: list[VariantDeployment] = Field(description="One per variant, in config order.")
+    async_inference: dict[str, Any] | None = Field(
+        None, description="CreateEndpointConfig's AsyncInferenceConfig; None = a real-time endpoint."
+    )
 
     @property
     def settings(self) -> SageMakerSettings:
@@ -117,12 +122,13 @@ def prepare(
     `counts` overrides a variant's InitialInstanceCount (an update keeps what autoscaling chose).
     """
     settings = settings_of(config)
-    if settings.mode == "async":
+    if settings.mode == "async" and config.async_inference is None:
         raise ValidationError(
-            "async SageMaker endpoints are not implemented yet (twinserve has no async endpoints "
-            "locally either); deploy a real-time endpoint (mode: realtime)",
+            "platform.sagemaker.mode: async needs the endpoint's `async:` block (at least "
+            "output_location: s3://BUCKET/PREFIX); the `async:` block alone makes an endpoint async",
             param="platform.sagemaker.mode",
         )
+    async_params = async_inference.endpoint_config_params(config)
     if config.api_key is not None:
         raise ValidationError(
             "SageMaker endpoints authenticate with AWS IAM (SigV4), not a bearer key: leave api_key out",
@@ -153,10 +159,20 @@ def prepare(
         _variant(config.name, number, v, filled, dlc=settings.image is None, count=(counts or {}).get(v.name))
         for v in pinned
     ]
+    if async_params is not None:
+        deployments = [_with_async_note(v, async_params) for v in deployments]
     return Generation(
         endpoint=config.name, number=number, region=region, role_arn=role, image=image,
-        config_name=config_name, config=config, variants=deployments,
+        config_name=config_name, config=config, variants=deployments, async_inference=async_params,
     )  # fmt: skip
+
+
+def _with_async_note(v: VariantDeployment, params: dict[str, Any]) -> VariantDeployment:
+    note = async_inference.concurrency_note(v.variant, v.env, params)
+    if note is None:
+        return v
+    sizing = v.sizing.model_copy(update={"notes": [*v.sizing.notes, note]})
+    return v.model_copy(update={"sizing": sizing})
 
 
 def _variant(

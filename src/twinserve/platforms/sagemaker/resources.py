@@ -6,6 +6,8 @@ endpoint                       the SageMaker endpoint
 endpoint_config                the serving generation's endpoint config
 model.<variant>                its SageMaker model per variant
 instance_type.<variant>, model_data.<variant> (s3://… or hf://repo@sha), pinned.<variant>
+async.output_path, async.failure_path, async.max_concurrent_invocations_per_instance,
+async.success_topic, async.error_topic   an async endpoint's AsyncInferenceConfig
 target.endpoint_config, target.model.<variant> …   the same for an update in flight
 alarms                         CloudWatch alarms twinserve created (comma-separated)
 ```
@@ -15,6 +17,7 @@ everything that may exist; it tolerates what never came to be.
 
 from __future__ import annotations
 
+from twinserve.platforms.sagemaker import async_inference
 from twinserve.platforms.sagemaker.prepare import Generation
 
 TARGET = "target."
@@ -29,12 +32,13 @@ def generation_resources(gen: Generation, *, target: bool = False) -> dict[str, 
         out[f"{prefix}instance_type.{v.variant}"] = v.instance_type
         out[f"{prefix}model_data.{v.variant}"] = v.source_label
         out[f"{prefix}pinned.{v.variant}"] = v.pinned.label
+    out.update(async_inference.resources(gen.async_inference, prefix=prefix))
     return out
 
 
 def without_generation(resources: dict[str, str], *, target: bool) -> dict[str, str]:
     """`resources` less one generation's keys (the serving one, or the target's)."""
-    keys = ("endpoint_config", "image", "model.", "instance_type.", "model_data.", "pinned.")
+    keys = ("endpoint_config", "image", "model.", "instance_type.", "model_data.", "pinned.", "async.")
     if target:
         return {k: v for k, v in resources.items() if not k.startswith(TARGET)}
     return {k: v for k, v in resources.items() if k.startswith(TARGET) or not k.startswith(keys)}

@@ -7,6 +7,8 @@ per scaled variant:
   step_scaling    → for each side of the threshold that has steps (scale-out above, scale-in below):
                     application-autoscaling.put_scaling_policy   StepScaling
                     cloudwatch.put_metric_alarm                  triggers it; AlarmActions = ["${PolicyARN}"]
+  min_replicas 0 (async) → application-autoscaling.put_scaling_policy   StepScaling +1 (wake from 0)
+                           cloudwatch.put_metric_alarm  HasBacklogWithoutCapacity ≥ 1 triggers it
 ```
 `params` are exactly the keyword arguments of the boto3 method named by `operation`, so
 `getattr(boto3.client(call.service), call.operation)(**call.params)` runs one. An alarm always
@@ -18,7 +20,13 @@ Mapping, and where SageMaker differs from the local autoscaler (`autoscale.py`):
 - concurrent_requests_per_replica → SageMakerVariantConcurrentRequestsPerModelHighResolution
   (CloudWatch ConcurrentRequestsPerModel, Average); invocations_per_replica_per_minute →
   SageMakerVariantInvocationsPerInstance (CloudWatch InvocationsPerInstance, Sum over 60 s: each
-  request adds 1/instances, so the Sum is invocations per instance per minute).
+  request adds 1/instances, so the Sum is invocations per instance per minute);
+  backlog_per_replica (async) → a customized metric, ApproximateBacklogSizePerInstance
+  (AWS/SageMaker, dimension EndpointName only, Average), for target tracking and alarms alike.
+- min_replicas 0 (async only): at 0 instances there is no per-instance backlog to track, so
+  AWS's recipe for scaling from zero is added: a step policy of +1 instance behind an alarm on
+  HasBacklogWithoutCapacity (Average ≥ 1 over one 60 s period), as the local autoscaler's
+  wake from 0; the other policy takes over once an instance runs.
 - target tracking: SageMaker chooses its own evaluation window; `lookback_s` is not exported.
   Cooldowns are rounded up to whole seconds.
 - step scaling: AWS runs one policy per alarm and wants contiguous steps on one side of it, so
@@ -51,8 +59,13 @@ PREDEFINED_METRICS: dict[ScalingMetric, str] = {
 ALARM_METRICS: dict[ScalingMetric, tuple[str, str]] = {
     "concurrent_requests_per_replica": ("ConcurrentRequestsPerModel", "Average"),
     "invocations_per_replica_per_minute": ("InvocationsPerInstance", "Sum"),
+    "backlog_per_replica": ("ApproximateBacklogSizePerInstance", "Average"),
 }
 ALARM_PERIOD_S = 60
+BACKLOG = "backlog_per_replica"
+# the async metrics SageMaker publishes per endpoint (no VariantName dimension)
+ENDPOINT_METRICS = frozenset({"ApproximateBacklogSizePerInstance", "HasBacklogWithoutCapacity"})
+WAKE_METRIC = "HasBacklogWithoutCapacity"
 
 _Step = tuple[float | None, float | None, int]  # (lower, upper, adjustment), None = unbounded
 
@@ -95,6 +108,8 @@ def sagemaker_scaling_calls(
             calls.append(_target_tracking(name, variant.name, policy))
         else:
             calls += _step_scaling(name, variant.name, policy)
+        if policy.min_replicas == 0:
+            calls += _wake_from_zero(name, variant.name, policy)
     return calls
 
 
@@ -127,9 +142,18 @@ def _seconds(s: float) -> int:
 
 
 def _target_tracking(endpoint: str, variant: str, policy: TargetTrackingPolicy) -> SageMakerCall:
-    config = {
-        "TargetValue": float(policy.target),
-        "PredefinedMetricSpecification": {"PredefinedMetricType": PREDEFINED_METRICS[policy.metric]},
+    config: dict[str, Any] = {"TargetValue": float(policy.target)}
+    if policy.metric == BACKLOG:
+        metric_name, statistic = ALARM_METRICS[BACKLOG]
+        config["CustomizedMetricSpecification"] = {
+            "MetricName": metric_name,
+            "Namespace": "AWS/SageMaker",
+            "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+            "Statistic": statistic,
+        }
+    else:
+        config["PredefinedMetricSpecification"] = {"PredefinedMetricType": PREDEFINED_METRICS[policy.metric]}
+    config |= {
         "ScaleInCooldown": _seconds(policy.scale_in_cooldown_s),
         "ScaleOutCooldown": _seconds(policy.scale_out_cooldown_s),
         "DisableScaleIn": policy.disable_scale_in,
@@ -232,16 +256,7 @@ def _alarm(
 ) -> SageMakerCall:
     metric_name, statistic = ALARM_METRICS[policy.metric]
     params = {
-        "AlarmName": f"{policy_name}-alarm",
-        "AlarmDescription": f"Triggers the step scaling policy {policy_name} (twinserve).",
-        "ActionsEnabled": True,
-        "AlarmActions": [POLICY_ARN_PLACEHOLDER],
-        "Namespace": "AWS/SageMaker",
-        "MetricName": metric_name,
-        "Dimensions": [
-            {"Name": "EndpointName", "Value": endpoint},
-            {"Name": "VariantName", "Value": variant},
-        ],
+        **_alarm_base(endpoint, variant, policy_name, metric_name),
         "Statistic": statistic,
         "Period": ALARM_PERIOD_S,
         "EvaluationPeriods": max(1, math.ceil(policy.lookback_s / ALARM_PERIOD_S)),
@@ -252,3 +267,51 @@ def _alarm(
         "TreatMissingData": "notBreaching" if high else "breaching",
     }
     return SageMakerCall(service="cloudwatch", operation="put_metric_alarm", params=params)
+
+
+def _alarm_base(endpoint: str, variant: str, policy_name: str, metric_name: str) -> dict[str, Any]:
+    dimensions = [{"Name": "EndpointName", "Value": endpoint}]
+    if metric_name not in ENDPOINT_METRICS:
+        dimensions.append({"Name": "VariantName", "Value": variant})
+    return {
+        "AlarmName": f"{policy_name}-alarm",
+        "AlarmDescription": f"Triggers the step scaling policy {policy_name} (twinserve).",
+        "ActionsEnabled": True,
+        "AlarmActions": [POLICY_ARN_PLACEHOLDER],
+        "Namespace": "AWS/SageMaker",
+        "MetricName": metric_name,
+        "Dimensions": dimensions,
+    }
+
+
+def _wake_from_zero(
+    endpoint: str, variant: str, policy: TargetTrackingPolicy | StepScalingPolicy
+) -> list[SageMakerCall]:
+    """AWS's scale-from-zero recipe for async endpoints: +1 instance while requests wait with none."""
+    policy_name = f"{endpoint}-{variant}-has-backlog-without-capacity"
+    cooldown = policy.scale_out_cooldown_s if isinstance(policy, TargetTrackingPolicy) else policy.cooldown_s
+    step = {
+        "PolicyName": policy_name,
+        **_target(endpoint, variant),
+        "PolicyType": "StepScaling",
+        "StepScalingPolicyConfiguration": {
+            "AdjustmentType": "ChangeInCapacity",
+            "StepAdjustments": [{"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}],
+            "Cooldown": _seconds(cooldown),
+            "MetricAggregationType": "Average",
+        },
+    }
+    alarm = {
+        **_alarm_base(endpoint, variant, policy_name, WAKE_METRIC),
+        "Statistic": "Average",
+        "Period": ALARM_PERIOD_S,
+        "EvaluationPeriods": 1,
+        "Threshold": 1.0,
+        "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+        # SageMaker publishes the metric (0 or 1) per minute; none means nothing waits
+        "TreatMissingData": "notBreaching",
+    }
+    return [
+        SageMakerCall(service="application-autoscaling", operation="put_scaling_policy", params=step),
+        SageMakerCall(service="cloudwatch", operation="put_metric_alarm", params=alarm),
+    ]

@@ -79,10 +79,16 @@ def production_variants(gen: Generation) -> list[dict[str, Any]]:
 
 
 def create_endpoint_config(region: Region, gen: Generation) -> None:
+    """CreateEndpointConfig: the variants, and for an async endpoint its AsyncInferenceConfig."""
+    params: dict[str, Any] = {
+        "EndpointConfigName": gen.config_name,
+        "ProductionVariants": production_variants(gen),
+        "Tags": gen.tags(),
+    }
+    if gen.async_inference is not None:
+        params["AsyncInferenceConfig"] = gen.async_inference
     with aws_step(f"create_endpoint_config {gen.config_name}"):
-        region.sagemaker.create_endpoint_config(
-            EndpointConfigName=gen.config_name, ProductionVariants=production_variants(gen), Tags=gen.tags()
-        )
+        region.sagemaker.create_endpoint_config(**params)
 
 
 def create_endpoint(region: Region, gen: Generation) -> None:

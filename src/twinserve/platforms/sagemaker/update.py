@@ -103,6 +103,13 @@ def _plan(
     if target.name != name:
         raise ValidationError(f"the config is for endpoint {target.name!r}, not {name!r}")
     target = _in_region(current, target)
+    if (current.config.async_inference is None) != (target.async_inference is None):
+        kind = "real-time" if current.config.async_inference is None else "async"
+        raise ValidationError(
+            f"endpoint {name!r} is {kind}; an update keeps it so (its callers use "
+            f"{'InvokeEndpoint' if kind == 'real-time' else 'InvokeEndpointAsync'}): create a new endpoint",
+            param="async",
+        )
     region = platform.region_of(current)
     live = steps.describe_endpoint(region, current.resources.get("endpoint", name))
     counts = _counts(current, target, live)

@@ -162,6 +162,14 @@ def test_up_deploys_asks_and_deletes(home: Path, tiny_model_dir: Path) -> None:
         app, ["up", "--model", str(tiny_model_dir), "--hold", "0", "--max-new-tokens", "4"]
     )
     assert result.exit_code == 0, result.output
-    for text in ("InService", "curl http://127.0.0.1:", "/v1/chat/completions", "/generate", "deleted"):
+    for text in (
+        "InService",
+        "curl http://127.0.0.1:",
+        "/v1/chat/completions",
+        "/generate",
+        "async job",
+        "/async-invocations",
+        "deleted",
+    ):
         assert text in result.output, (text, result.output)
     assert LocalPlatform().store.list_endpoints() == []

@@ -219,7 +219,7 @@ def test_endpoints_that_cannot_be_invoked(runtime: Any) -> None:
         _invoke(runtime, "failed", TGI)
     with pytest.raises(runtime.exceptions.ServiceUnavailable, match="does not answer"):
         _invoke(runtime, "down", TGI)
-    with pytest.raises(runtime.exceptions.ValidationError, match="not available yet"):
+    with pytest.raises(runtime.exceptions.ValidationError, match="not an asynchronous endpoint"):
         runtime.invoke_endpoint_async(EndpointName="twin", InputLocation="s3://bucket/input.json")
 
 

@@ -342,3 +342,17 @@ def test_the_payload_limit_is_enforced_before_the_body_reaches_a_replica(
         assert small.status_code == 200
     requests_after = [s.service.metrics._counters.request_count for s in replicas]
     assert sum(requests_after) - sum(requests_before) == 1  # only the small one got through
+
+
+def test_async_routes_need_a_job_service_and_the_router_lives_without_replicas() -> None:
+    with running_router(ReplicaPool([])) as (url, app):
+        assert httpx.get(f"{url}/health").status_code == 503  # no replica
+        assert httpx.get(f"{url}/router/live").status_code == 200  # but the router serves
+        refused = httpx.post(f"{url}/async-invocations", json={"inputs": "hi"})
+        assert refused.status_code == 404
+        assert "real-time only" in refused.json()["error"]
+        app.async_upstream = f"http://127.0.0.1:{free_port()}"  # a job service that is down
+        down = httpx.post(f"{url}/async-invocations", json={"inputs": "hi"})
+        assert down.status_code == 503 and down.headers["retry-after"] == "1"
+        too_big = httpx.post(f"{url}/async-invocations", content=b"x" * (6 * 1024 * 1024 + 1))
+        assert too_big.status_code == 413

@@ -160,20 +160,20 @@ def sm_config(
     replicas: int = 1,
     autoscaling: dict[str, Any] | None = None,
     variants: list[dict[str, Any]] | None = None,
+    asynchronous: dict[str, Any] | None = None,
     **settings: Any,
 ) -> EndpointConfig:
+    """A SageMaker endpoint config; `asynchronous` is its `async:` block (None: real-time)."""
     sagemaker = {"role_arn": ROLE, "instance_type": "ml.g4dn.xlarge", **settings}
-    return EndpointConfig.model_validate(
-        {
-            "name": name,
-            "variants": variants or [{"model": model, "replicas": replicas}],
-            "autoscaling": autoscaling,
-            "platform": {
-                "type": "sagemaker",
-                "sagemaker": {k: v for k, v in sagemaker.items() if v is not None},
-            },
-        }
-    )
+    data = {
+        "name": name,
+        "variants": variants or [{"model": model, "replicas": replicas}],
+        "autoscaling": autoscaling,
+        "platform": {"type": "sagemaker", "sagemaker": {k: v for k, v in sagemaker.items() if v is not None}},
+    }
+    if asynchronous is not None:
+        data["async"] = {k: v for k, v in asynchronous.items() if v is not None}
+    return EndpointConfig.model_validate(data)
 
 
 def hub_model(tmp_path: Path, repo: str = "acme/big-llm", *, config: dict[str, Any] | None = None) -> str:

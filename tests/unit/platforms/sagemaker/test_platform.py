@@ -31,7 +31,7 @@ def test_is_a_platform(platform: SageMakerPlatform) -> None:
     assert isinstance(platform, Platform)
     assert platform.name == "sagemaker"
     assert platform.capabilities.native_autoscaling and platform.capabilities.runtime_api
-    assert not platform.capabilities.scale_to_zero
+    assert platform.capabilities.scale_to_zero  # async endpoints only (test_async.py)
 
 
 def test_create_makes_model_config_endpoint_and_autoscaling(

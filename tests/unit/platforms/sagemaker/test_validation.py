@@ -29,7 +29,7 @@ from twinserve.platforms.sagemaker.prepare import prepare
         ({"instance_type": "ml.inf2.xlarge"}, "has no NVIDIA GPU"),
         ({"tgi_version": "9.9"}, "unknown TGI version '9.9'"),
         ({"image": "docker.io/library/tgi:3"}, "not an ECR image URI"),
-        ({"mode": "async"}, "async SageMaker endpoints are not implemented yet"),
+        ({"mode": "async"}, "mode: async needs the endpoint's `async:` block"),
         ({"hf_token_secret": "arn:aws:s3:::bucket"}, "not a Secrets Manager secret ARN"),
         ({"model_data_bucket": "Not_A_Bucket"}, "not a valid S3 bucket name"),
     ],

@@ -10,7 +10,9 @@ works unchanged:
   the router's `/invocations` with `"stream": true` set in the JSON body; the SSE bytes go out
   as event-stream `PayloadPart`s as they arrive (never buffered), and a break after the 200 as
   a `ModelStreamError` (or `InternalStreamFailure`) event.
-- `POST /endpoints/{name}/async-invocations`: a ValidationError until async endpoints exist.
+- `POST /endpoints/{name}/async-invocations` (InvokeEndpointAsync, async endpoints only) →
+  the router's `/async-invocations`, i.e. the endpoint's job service (`async_invoke` maps the
+  headers both ways); the 202 is SageMaker's `InferenceId` and locations.
 - `GET /ping` (and `/health`): 200, for whoever starts the gateway.
 
 Only local endpoints that take traffic are served; any other name is SageMaker's
@@ -41,7 +43,7 @@ import httpx
 from twinserve.deploy.spec import Endpoint, EndpointStatus
 from twinserve.deploy.state import StateStore
 from twinserve.errors import NotFoundError
-from twinserve.platforms.local.gateway import errors
+from twinserve.platforms.local.gateway import async_invoke, errors
 from twinserve.platforms.local.gateway.errors import AwsError
 from twinserve.platforms.local.gateway.eventstream import CONTENT_TYPE as EVENTSTREAM
 from twinserve.platforms.local.gateway.relay import relay_body, relay_events
@@ -60,6 +62,8 @@ _ROUTE = re.compile(
     r"^/endpoints/(?P<name>[^/]+)/(?P<op>invocations|invocations-response-stream|async-invocations)$"
 )
 _VARIANT_HEADER = "x-amzn-invoked-production-variant"
+# a submit is one durable write in the job service: it answers in well under this
+_SUBMIT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 # upstream headers not relayed: the router's own, and those the gateway sets itself
 _DROP = frozenset({REPLICA_HEADER, "server", "date", "content-length"})
 
@@ -138,10 +142,8 @@ class GatewayApp:
             if match is None or method != "POST":
                 raise AwsError(404, "UnknownOperationException", f"no operation at {method} {path}")
             if match["op"] == "async-invocations":
-                raise errors.validation(
-                    "async endpoints are not available yet: use InvokeEndpoint "
-                    "or InvokeEndpointWithResponseStream"
-                )
+                await self._submit_async(scope, receive, send, unquote(match["name"]), request_id)
+                return
             call = await self._resolve(scope, receive, unquote(match["name"]), match["op"], request_id)
         except AwsError as exc:
             await _error(send, exc, request_id)
@@ -182,6 +184,38 @@ class GatewayApp:
             content=_streaming_body(body) if stream else body,
         )
         return _Call(endpoint, url, variant, stream, request_id, upstream)
+
+    async def _submit_async(
+        self, scope: Scope, receive: Receive, send: Send, name: str, request_id: str
+    ) -> None:
+        """InvokeEndpointAsync: checked here, queued by the job service behind the router."""
+        endpoint = await anyio.to_thread.run_sync(self._endpoint, name)
+        limit = min(endpoint.config.payload_limit, async_invoke.ASYNC_INLINE_LIMIT)
+        body = await _read_body(scope, receive, limit)
+        if body is None:
+            return
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        key = endpoint.config.api_key.get_secret_value() if endpoint.config.api_key else None
+        if key is not None:
+            self._check_signature(scope, headers, body, key)
+        async_invoke.check_async(endpoint)  # after the signature: only the key holder learns it
+        assert endpoint.url is not None  # checked in `_endpoint`
+        upstream = async_invoke.job_headers(dict(headers), body, key, request_id)
+        url = f"{endpoint.url}/async-invocations"
+        try:
+            response = await self.client.post(url, headers=upstream, content=body, timeout=_SUBMIT_TIMEOUT)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing queued: try again
+            raise errors.service_unavailable(
+                f"Endpoint {name} does not answer ({type(exc).__name__})."
+            ) from None
+        except httpx.HTTPError as exc:  # sent, maybe queued: only the same InferenceId is a safe retry
+            raise errors.internal_failure(
+                f"Endpoint {name} did not confirm the request ({type(exc).__name__}); it may be queued: "
+                "retry with the same InferenceId."
+            ) from None
+        raw, answer = async_invoke.accepted(response, name, request_id)
+        await send({"type": "http.response.start", "status": 202, "headers": raw})
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
 
     def _endpoint(self, name: str) -> Endpoint:
         try:

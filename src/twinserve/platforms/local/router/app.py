@@ -1,9 +1,16 @@
 """The endpoint router: one stable URL in front of an endpoint's replicas (a pure-ASGI proxy).
 
 Own routes: `GET /health` (200 while at least one replica takes requests, else 503; JSON of
-the replica states), `GET /router/replicas`, `GET /router/stats` (load per traffic group, for
+the replica states), `GET /router/live` (200 while the router itself serves, replicas or not:
+what the control plane probes), `GET /router/replicas`, `GET /router/stats` (load per traffic group, for
 the autoscaler) and, when given, `GET /router/metrics` (the endpoint's Prometheus metrics). Everything else — every path, method, query
 and body of the LLM microservice — goes to one replica chosen by `ReplicaPool.acquire`.
+
+Async endpoints: `/async-invocations`, `/async-invocations/…` and `/async/…` go to the
+endpoint's job service (`async_upstream`, synced from the state store) instead, with replicas
+or without: a job is accepted while the endpoint has scaled to zero. Their bodies may be up
+to `async_payload_limit` (6 MB, SageMaker's inline limit). Without a job service (a real-time
+endpoint) they are a 404 that says so; while it restarts, a 503 with Retry-After.
 
 Policy:
 - The request body is read whole first (prompts are small), so a request can be re-sent; a
@@ -43,6 +50,7 @@ import httpx
 from twinserve.errors import (
     BadGatewayError,
     EngineDeadError,
+    NotFoundError,
     PayloadTooLargeError,
     TwinserveError,
     UnauthorizedError,
@@ -64,8 +72,23 @@ HOP_BY_HOP = frozenset(
 )
 # routes any caller may reach even when the router has an API key (as on the server)
 OPEN_PATHS = frozenset(
-    {"/health", "/ping", "/info", "/metrics", "/router/metrics", "/docs", "/redoc", "/openapi.json"}
+    {
+        "/health",
+        "/ping",
+        "/info",
+        "/metrics",
+        "/router/live",
+        "/router/metrics",
+        "/async/health",
+        "/async/metrics",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+    }
 )
+ASYNC_PREFIXES = ("/async-invocations/", "/async/")
+# SageMaker's limit for an async request body sent inline (larger inputs go by location)
+ASYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # failures before any status line: nothing reached the client, and a generation has no side
 # effects, so running it on another replica is safe (a read *timeout* is not here: that
@@ -115,6 +138,7 @@ class RouterApp:
         read_timeout: float | None = None,
         max_connections: int = 1000,
         payload_limit: int = 2_000_000,
+        async_payload_limit: int = ASYNC_PAYLOAD_LIMIT,
         metrics: Callable[[], bytes] | None = None,
     ) -> None:
         if max_attempts < 1:
@@ -123,6 +147,8 @@ class RouterApp:
         self.api_key = api_key
         self.max_attempts = max_attempts
         self.payload_limit = payload_limit
+        self.async_payload_limit = async_payload_limit
+        self.async_upstream: str | None = None  # the job service's base URL (async endpoints)
         self.metrics = metrics  # the endpoint's Prometheus exposition, served at /router/metrics
         self._client_options: dict[str, Any] = {
             "timeout": httpx.Timeout(connect_timeout, connect=connect_timeout, read=read_timeout, pool=None),
@@ -180,6 +206,13 @@ class RouterApp:
     # ------------------------------------------------------------ routes
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if method in ("GET", "HEAD") and path == "/router/live":
+            await _json(send, 200, {"live": True})
+            return
+        if path == "/async-invocations" or path.startswith(ASYNC_PREFIXES):
+            if await self._authorized(scope, send):
+                await self._proxy_async(scope, receive, send)
+            return
         if method in ("GET", "HEAD") and path == "/health":
             replicas = [r.model_dump(mode="json") for r in self.pool.snapshot()]
             ok = any(r["status"] == "healthy" for r in replicas)
@@ -225,22 +258,42 @@ class RouterApp:
 
     # ------------------------------------------------------------ proxy
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            body = await _read_body(scope, receive, self.payload_limit)
-        except PayloadTooLargeError as exc:
-            await _error(send, scope, exc)
+        request = await _incoming(scope, receive, send, self.payload_limit)
+        if request is None:
             return
-        if body is None:
-            return  # the client left before sending its request
-        request_headers = filter_headers(scope["headers"], drop=frozenset({"host", "content-length"}))
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
+        target, headers, body = request
         async with anyio.create_task_group() as tg:
             # a client that leaves cancels everything below, the upstream request included
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-            await self._forward(scope, send, target.decode("latin-1"), request_headers, body)
+            await self._forward(scope, send, target, headers, body)
             tg.cancel_scope.cancel()
+
+    async def _proxy_async(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """To the job service: one upstream, so the only retry is none (a connect error is a 503
+        the client retries; the service answers a submit only once the job is durable)."""
+        upstream = self.async_upstream
+        if upstream is None:
+            exc: TwinserveError = NotFoundError(
+                "this endpoint is real-time only: create it with --async (or an `async:` block) "
+                "to accept /async-invocations"
+            )
+            await _error(send, scope, exc)
+            return
+        incoming = await _incoming(scope, receive, send, self.async_payload_limit)
+        if incoming is None:
+            return
+        target, headers, body = incoming
+        request = self.client.build_request(scope["method"], upstream + target, headers=headers, content=body)
+        try:
+            response = await self.client.send(request)
+        except httpx.HTTPError as exc:
+            log.warning("the job service is unreachable: %s", type(exc).__name__)
+            await _error(send, scope, EngineDeadError("the job service is restarting; try again"))
+            return
+        raw = filter_headers(response.headers.raw, drop=frozenset({"content-length"}))
+        raw.append((b"content-length", str(len(response.content)).encode()))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": raw})
+        await send({"type": "http.response.body", "body": response.content, "more_body": False})
 
     async def _forward(
         self, scope: Scope, send: Send, target: str, headers: list[tuple[bytes, bytes]], body: bytes
@@ -313,6 +366,25 @@ class RouterApp:
 def create_router_app(pool: ReplicaPool, *, api_key: str | None = None, **options: Any) -> RouterApp:
     """The router as an ASGI app; `options` are `RouterApp`'s (attempts, intervals, timeouts)."""
     return RouterApp(pool, api_key=api_key, **options)
+
+
+async def _incoming(
+    scope: Scope, receive: Receive, send: Send, limit: int
+) -> tuple[str, list[tuple[bytes, bytes]], bytes] | None:
+    """The request to forward: (path and query, headers, whole body); None once it has been
+    answered (413 past `limit`) or the client left before sending it."""
+    try:
+        body = await _read_body(scope, receive, limit)
+    except PayloadTooLargeError as exc:
+        await _error(send, scope, exc)
+        return None
+    if body is None:
+        return None
+    headers = filter_headers(scope["headers"], drop=frozenset({"host", "content-length"}))
+    target = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    return target.decode("latin-1"), headers, body
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

@@ -30,13 +30,16 @@ MODULE = "twinserve.platforms.local.router.process"
 _ROUTED_STATES = (ReplicaState.STARTING, ReplicaState.HEALTHY)
 
 
-def sync_pool(store: StateStore, name: str, pool: ReplicaPool) -> bool:
-    """Make the pool's membership and weights match the store; True if the membership changed."""
+def sync_pool(store: StateStore, name: str, pool: ReplicaPool, app: RouterApp | None = None) -> bool:
+    """Make the pool's membership and weights (and the app's job service URL) match the store;
+    True if the membership changed."""
     try:
         endpoint = store.get_endpoint(name)
     except NotFoundError:
         # deleted meanwhile: the control plane is about to stop us; keep serving what is left
         return False
+    if app is not None:
+        app.async_upstream = endpoint.async_url
     specs = [
         ReplicaSpec(id=r.id, url=r.url, variant=r.traffic_group)
         for r in endpoint.replicas
@@ -65,7 +68,7 @@ class PoolSync:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if sync_pool(self.store, self.name, self.app.pool) and self.app.health is not None:
+                if sync_pool(self.store, self.name, self.app.pool, self.app) and self.app.health is not None:
                     self.app.health.check_soon()  # new replicas take traffic at once, not next round
             except Exception:  # a store hiccup must not stop syncing for good
                 log.exception("syncing the replica pool failed")
@@ -88,6 +91,7 @@ def run(
         payload_limit=endpoint.config.payload_limit,
         metrics=lambda: metrics_exposition(pool, store, name),
     )
+    app.async_upstream = endpoint.async_url
     syncer = PoolSync(store, name, app, sync_interval)
     syncer.start()
     config = uvicorn.Config(
