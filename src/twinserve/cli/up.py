@@ -3,8 +3,9 @@
 registry (import the default model as llm-twin v1 @champion, once) → endpoint `twin` from
 `models:/llm-twin@champion`, autoscaling 1..2 replicas, real-time and async (`/async-invocations`)
 → one streamed answer through the endpoint's router → one async job, queued, run and stored →
-the URL and paste-able commands → serve until Ctrl-C (autoscaling events printed as they happen)
-→ delete the endpoint, leaving no process behind.
+the URL and paste-able commands → serve until Ctrl-C, SIGTERM or SIGHUP (autoscaling events
+printed as they happen) → delete the endpoint, leaving no process behind, even when stdout and
+stderr are gone (a `| tee` that died with the terminal).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 import shlex
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -46,59 +47,87 @@ def up_command(
     ),
 ) -> None:
     """Deploy llm-twin@champion as endpoint `twin` (autoscaling 1..2), ask it once, serve until Ctrl-C."""
-    from twinserve.client import LLMClient
-    from twinserve.deploy.spec import EndpointConfig
     from twinserve.errors import TwinserveError
     from twinserve.platforms.local.platform import LocalPlatform
 
     manager = LocalPlatform()
-    try:
-        if model == CHAMPION_REF:
-            from twinserve.registry.store import ModelRegistry
+    failure: Exception | None = None
+    with _StopSignals() as stop:  # Ctrl-C, SIGTERM and SIGHUP all end it the same way
+        try:
+            _run(manager, name, model, question, max_replicas, target_concurrency, max_new_tokens, hold)
+        except KeyboardInterrupt:
+            _say("\n[dim]interrupted[/dim]")
+        except TwinserveError as exc:
+            failure = exc
+            _say(f"[red]error:[/red] {exc.message}")
+        except OSError as exc:  # the terminal or the pipe it printed to went away (`| tee`, closed window)
+            failure = exc
+        finally:
+            # whatever happened above, printing included: no endpoint and no process is left behind
+            stop.ignore_more()
+            _delete(manager, name)
+    if failure is not None:
+        raise typer.Exit(1) from failure
 
-            with err.status("registering the default model as llm-twin (once) …"):
-                ModelRegistry().import_default()
-        if manager.delete(name):  # left over from a run that was killed: start clean
-            err.print(f"[dim]deleted a previous endpoint {name!r}[/dim]")
-        config = EndpointConfig.model_validate(
-            {
-                "name": name,
-                "variants": [{"model": model, "replicas": 1, "threads": _threads_per_replica(max_replicas)}],
-                "async": {"max_concurrent_invocations_per_replica": 8},
-                "autoscaling": {
-                    "type": "target_tracking",
-                    "target": target_concurrency,
-                    "min_replicas": 1,
-                    "max_replicas": max_replicas,
-                    "lookback_s": 30,
-                    "scale_out_cooldown_s": 30,
-                    "scale_in_cooldown_s": 120,
-                },
-            }
-        )
-        with _interrupts_as_keyboard(), err.status(f"creating endpoint {name!r} …") as status:
 
-            def progress(message: str) -> None:
-                err.print(f"[dim]{message}[/dim]", highlight=False)
-                status.update(message)
+def _run(
+    manager: LocalPlatform,
+    name: str,
+    model: str,
+    question: str,
+    max_replicas: int,
+    target_concurrency: float,
+    max_new_tokens: int,
+    hold: float | None,
+) -> None:
+    from twinserve.client import LLMClient
+    from twinserve.deploy.spec import EndpointConfig
 
-            endpoint = manager.create(config, progress=progress)
-        assert endpoint.url is not None
-        version = endpoint.replicas[0].model_version if endpoint.replicas else None
-        err.print(f"[green]endpoint {name!r} is InService[/green] ({version or model}) at {endpoint.url}")
-        err.print(f"[bold]user:[/bold] {question}")
-        with LLMClient(endpoint.url, api="openai") as client:
-            stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
-            _one_async_job(client, question, max_new_tokens)
-        out.print(_usage(name, endpoint.url, manager.runtime_api_url()), highlight=False, soft_wrap=True)
-        _serve(manager, name, hold)
-    except KeyboardInterrupt:
-        err.print("\n[dim]interrupted[/dim]")
-    except TwinserveError as exc:
-        err.print(f"[red]error:[/red] {exc.message}")
-        _delete(manager, name)
-        raise typer.Exit(1) from exc
-    _delete(manager, name)
+    if model == CHAMPION_REF:
+        from twinserve.registry.store import ModelRegistry
+
+        with err.status("registering the default model as llm-twin (once) …"):
+            ModelRegistry().import_default()
+    if manager.delete(name):  # left over from a run that was killed: start clean
+        err.print(f"[dim]deleted a previous endpoint {name!r}[/dim]")
+    config = EndpointConfig.model_validate(
+        {
+            "name": name,
+            "variants": [{"model": model, "replicas": 1, "threads": _threads_per_replica(max_replicas)}],
+            "async": {"max_concurrent_invocations_per_replica": 8},
+            "autoscaling": {
+                "type": "target_tracking",
+                "target": target_concurrency,
+                "min_replicas": 1,
+                "max_replicas": max_replicas,
+                "lookback_s": 30,
+                "scale_out_cooldown_s": 30,
+                "scale_in_cooldown_s": 120,
+            },
+        }
+    )
+    with err.status(f"creating endpoint {name!r} …") as status:
+
+        def progress(message: str) -> None:
+            err.print(f"[dim]{message}[/dim]", highlight=False)
+            status.update(message)
+
+        endpoint = manager.create(config, progress=progress)
+    assert endpoint.url is not None
+    version = endpoint.replicas[0].model_version if endpoint.replicas else None
+    err.print(f"[green]endpoint {name!r} is InService[/green] ({version or model}) at {endpoint.url}")
+    err.print(f"[bold]user:[/bold] {question}")
+    with LLMClient(endpoint.url, api="openai") as client:
+        stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
+        _one_async_job(client, question, max_new_tokens)
+    out.print(_usage(name, endpoint.url, manager.runtime_api_url()), highlight=False, soft_wrap=True)
+    _serve(manager, name, hold)
+
+
+def _say(message: str) -> None:
+    """Print on stderr if it is still there: cleanup must not depend on being able to print."""
+    with contextlib.suppress(OSError):
+        err.print(message, highlight=False)
 
 
 def _one_async_job(client: LLMClient, question: str, max_new_tokens: int) -> None:
@@ -166,42 +195,49 @@ def _serve(manager: LocalPlatform, name: str, hold: float | None) -> None:
     stop = threading.Event()
     seen = len(manager.events(name, limit=None))
     waited = 0.0
-    with _interrupts_as_keyboard():
-        while not stop.wait(1.0):
-            waited += 1.0
-            events = manager.events(name, limit=None)
-            for event in events[seen:]:
-                err.print(
-                    f"[cyan]autoscaling[/cyan] {event.variant}: {event.from_replicas} → {event.to_replicas} "
-                    f"({event.reason})",
-                    highlight=False,
-                )
-            seen = len(events)
-            if hold is not None and waited >= hold:
-                return
+    while not stop.wait(1.0):
+        waited += 1.0
+        events = manager.events(name, limit=None)
+        for event in events[seen:]:
+            err.print(
+                f"[cyan]autoscaling[/cyan] {event.variant}: {event.from_replicas} → {event.to_replicas} "
+                f"({event.reason})",
+                highlight=False,
+            )
+        seen = len(events)
+        if hold is not None and waited >= hold:
+            return
 
 
 def _delete(manager: LocalPlatform, name: str) -> None:
-    # a second Ctrl-C must not leave replicas behind: ignore it while deleting
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with err.status(f"deleting endpoint {name!r} …"):
-            deleted = manager.delete(name)
-        if deleted:
-            err.print(f"endpoint {name!r} deleted; no process left")
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    _say(f"[dim]deleting endpoint {name!r} …[/dim]")
+    if manager.delete(name):
+        _say(f"endpoint {name!r} deleted; no process left")
 
 
-@contextlib.contextmanager
-def _interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM (e.g. `kill`, a CI timeout) ends `up` like Ctrl-C: the endpoint is deleted."""
+class _StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, a CI timeout) and SIGHUP (the terminal closed) raise
+    KeyboardInterrupt once; after that, or after `ignore_more`, they are ignored, so a second
+    one cannot cut the endpoint's deletion short."""
 
-    def raise_interrupt(_sig: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self._raised = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, _sig: int, _frame: FrameType | None) -> None:
+        if not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    def ignore_more(self) -> None:
+        self._raised = True
+
+    def __enter__(self) -> _StopSignals:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
