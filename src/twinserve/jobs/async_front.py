@@ -24,7 +24,6 @@ SageMaker leaves either object in S3 for the client to GET.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import os
@@ -58,7 +57,6 @@ from twinserve.errors import (
     NotReadyError,
     PayloadTooLargeError,
     TwinserveError,
-    UnauthorizedError,
     ValidationError,
 )
 from twinserve.jobs.async_settings import AsyncSettings, LiveEndpoint
@@ -66,6 +64,7 @@ from twinserve.jobs.locations import file_path, parse_s3
 from twinserve.jobs.model import MAX_INLINE_BODY_BYTES, Job, JobStatus, new_inference_id
 from twinserve.jobs.queue import JobQueue
 from twinserve.jobs.results import ResultStore, check_inference_id
+from twinserve.server.auth import require_key
 from twinserve.server.errors import InternalError, error_response
 from twinserve.server.json_body import decode_json_body
 from twinserve.server.middleware import declares_more_than
@@ -395,15 +394,8 @@ def _front(request: Request) -> _Front:
 
 
 async def check_key(request: Request) -> None:
-    """The endpoint's API key (Bearer or x-api-key), compared in constant time; none set = open."""
-    key = _front(request).live.api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        given = request.headers.get("x-api-key", "")
-    if not given or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise UnauthorizedError("missing or invalid API key (send `Authorization: Bearer <key>`)")
+    """The endpoint's API key (it may change with an update: read from the live record)."""
+    require_key(request.headers, _front(request).live.api_key)
 
 
 jobs_router = APIRouter(dependencies=[Depends(check_key)])

@@ -38,7 +38,6 @@ Policy:
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -57,6 +56,7 @@ from twinserve.errors import (
 )
 from twinserve.platforms.local.router.health import HealthChecker
 from twinserve.platforms.local.router.pool import Replica, ReplicaPool
+from twinserve.server.auth import INVALID_KEY, key_matches
 from twinserve.server.errors import Wire, error_body, status_for
 from twinserve.server.middleware import declares_more_than, payload_too_large
 
@@ -247,12 +247,9 @@ class RouterApp:
         ):  # TGI's health route; POST / generates
             return True
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            given = headers.get("x-api-key", "")
-        if given and hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+        if key_matches(headers, self.api_key):
             return True
-        exc = UnauthorizedError("missing or invalid API key (send `Authorization: Bearer <key>`)")
+        exc = UnauthorizedError(INVALID_KEY)
         await _error(send, scope, exc, {"www-authenticate": "Bearer"})
         return False
 
