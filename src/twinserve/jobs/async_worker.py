@@ -157,6 +157,7 @@ class AsyncWorker:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._rounds_over: asyncio.Event | None = None  # set once `run` has left its loop
         # expiries after this instant are reported (webhook, metric); earlier ones were before us
         self._expired_after = datetime.now(UTC)
         self._expiry_swept_at = -float("inf")
@@ -191,13 +192,17 @@ class AsyncWorker:
     async def run(self) -> None:
         """Lease and start jobs, round after round, until `request_stop`."""
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        self._rounds_over = asyncio.Event()
         log.info("worker %s running for endpoint %s", self.worker_id, self.settings.endpoint)
-        while not self._stopping:
-            try:
-                await self._round()
-            except Exception:  # a store or queue hiccup: log it and try again next round
-                log.exception("a worker round failed")
-            await self._sleep()
+        try:
+            while not self._stopping:
+                try:
+                    await self._round()
+                except Exception:  # a store or queue hiccup: log it and try again next round
+                    log.exception("a worker round failed")
+                await self._sleep()
+        finally:
+            self._rounds_over.set()
 
     async def _round(self) -> None:
         await self.live.refresh()
@@ -482,6 +487,9 @@ class AsyncWorker:
         (their leases run out and the jobs are redelivered); how many jobs were cut short."""
         self.request_stop()
         deadline = time.monotonic() + max(0.0, timeout_s)
+        if self._rounds_over is not None:  # a round may be leasing right now: its jobs count too
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rounds_over.wait(), max(0.0, deadline - time.monotonic()))
         left = 0
         for tasks in (self._jobs, self._notes):  # jobs first: a finishing job adds a webhook
             pending = set(tasks)
