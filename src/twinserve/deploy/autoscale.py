@@ -275,9 +275,9 @@ class Autoscaler:
         self._trim(state, self._clock())
         samples = list(state.samples)
         if self.policy.metric == CONCURRENCY:
-            return _concurrency_stats(samples)
+            return _instant_stats(samples, lambda s: s.in_flight)
         if self.policy.metric == BACKLOG:
-            return _backlog_stats(samples)
+            return _instant_stats(samples, lambda s: s.backlog)
         return _invocation_stats(samples)
 
     def _trim(self, state: _VariantState, now: float) -> None:
@@ -313,27 +313,19 @@ class Autoscaler:
             raise KeyError(f"unknown variant {variant!r}; the autoscaler has {self.variants}") from None
 
 
-def _concurrency_stats(samples: Sequence[LoadSample]) -> _WindowStats | None:
+def _instant_stats(
+    samples: Sequence[LoadSample], load_of: Callable[[LoadSample], int]
+) -> _WindowStats | None:
+    """Stats of a load read at each instant (in-flight requests, the backlog): its plain mean per
+    replica, its mean, its peak. Needs one sample."""
     if not samples:
         return None
     n = len(samples)
+    loads = [load_of(s) for s in samples]
     return _WindowStats(
-        value=sum(s.in_flight / max(s.replicas, 1) for s in samples) / n,
-        load=sum(s.in_flight for s in samples) / n,
-        peak_load=float(max(s.in_flight for s in samples)),
-        span=samples[-1].time - samples[0].time,
-        count=n,
-    )
-
-
-def _backlog_stats(samples: Sequence[LoadSample]) -> _WindowStats | None:
-    if not samples:
-        return None
-    n = len(samples)
-    return _WindowStats(
-        value=sum(s.backlog / max(s.replicas, 1) for s in samples) / n,
-        load=sum(s.backlog for s in samples) / n,
-        peak_load=float(max(s.backlog for s in samples)),
+        value=sum(load / max(s.replicas, 1) for load, s in zip(loads, samples, strict=True)) / n,
+        load=sum(loads) / n,
+        peak_load=float(max(loads)),
         span=samples[-1].time - samples[0].time,
         count=n,
     )
