@@ -27,7 +27,9 @@ model: venv
 
 # the mission on the embedded defaults: registers the default model as llm-twin@champion (once),
 # deploys it as endpoint `twin` (autoscaling 1..2 replicas behind one router URL), streams one
-# answer through it, prints the URL and curl commands, serves until Ctrl-C, then deletes it
+# answer through it, runs one async job, ingests docs/ and starts the RAG service in front of it
+# (one question, answered with sources), prints the URLs and curl commands, serves until Ctrl-C,
+# then deletes it
 up: venv model
 	$(BIN)/twinserve up
 

@@ -13,6 +13,7 @@ TwinserveError
 │   └── PayloadTooLargeError  413  request body over the payload limit
 └── ServerError               twinserve or the model failed; not the caller's fault
     ├── ModelError            424  a forward pass (or the model's files) failed for this request
+    │   └── LLMFailedError    424  (RAG service) the LLM it calls failed or refused; carries its answer
     ├── ModelLoadError        500  weights/config/tokenizer could not be loaded
     ├── BadGatewayError       502  (router) a replica failed before answering, not retried
     ├── NotReadyError         503  the model is still loading, or the server is draining
@@ -131,6 +132,30 @@ class ModelError(ServerError):
 
     status_code = 424
     error_type = "generation"
+
+
+class LLMFailedError(ModelError):
+    """The LLM a service depends on (the RAG service's) failed or refused a request.
+
+    `upstream` says what the LLM answered, in one shape whatever went wrong: its HTTP status
+    (None when it could not be reached), error_type and message.
+    """
+
+    error_type = "llm_failed"
+
+    def __init__(self, message: str, upstream: dict[str, object]) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+
+    @classmethod
+    def of(cls, cause: TwinserveError) -> LLMFailedError:
+        status = None if isinstance(cause, UnreachableError | RequestTimeoutError) else cause.status_code
+        upstream: dict[str, object] = {
+            "status": status,
+            "error_type": cause.error_type,
+            "message": cause.message,
+        }
+        return cls(f"the LLM failed: {cause.message}", upstream)
 
 
 class ModelLoadError(ServerError):

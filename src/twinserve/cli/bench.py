@@ -9,16 +9,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from twinserve.cli import bench_serve
+from twinserve.cli import bench_rag, bench_serve
 
 if TYPE_CHECKING:  # the engine bench pulls in torch: imported when that command runs
     from twinserve.bench.engine_bench import EngineBenchReport
 
 app = typer.Typer(
-    help="Benchmarks: the engine against transformers (engine), a running endpoint under load (serve).",
+    help=(
+        "Benchmarks: the engine against transformers (engine), a running endpoint under load (serve), "
+        "the RAG service in front of an LLM (rag)."
+    ),
     no_args_is_help=True,
 )
 app.command("serve")(bench_serve.serve_command)
+app.command("rag")(bench_rag.rag_command)
 out = Console()
 err = Console(stderr=True)
 

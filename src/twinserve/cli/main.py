@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from twinserve import __version__
-from twinserve.cli import batch, bench, chat, endpoint, generate, jobs, model, plan, registry, serve, up
+from twinserve.cli import batch, bench, chat, endpoint, generate, jobs, model, plan, rag, registry, serve, up
 
 app = typer.Typer(
     name="twinserve",
@@ -40,6 +40,7 @@ app.command("demo")(chat.demo_command)
 app.add_typer(endpoint.app, name="endpoint")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(batch.app, name="batch")
+app.add_typer(rag.app, name="rag")
 app.command("up")(up.up_command)
 app.command("plan")(plan.plan_command)
 

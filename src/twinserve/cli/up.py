@@ -3,7 +3,8 @@
 registry (import the default model as llm-twin v1 @champion, once) → endpoint `twin` from
 `models:/llm-twin@champion`, autoscaling 1..2 replicas, real-time and async (`/async-invocations`)
 → one streamed answer through the endpoint's router → one async job, queued, run and stored →
-the URL and paste-able commands → serve until Ctrl-C, SIGTERM or SIGHUP (autoscaling events
+the project's docs/ ingested and the RAG service started in front of `twin`, asked one question
+(answer with sources) → the URLs and paste-able commands → serve until Ctrl-C, SIGTERM or SIGHUP (autoscaling events
 printed as they happen) → delete the endpoint, leaving no process behind, even when stdout and
 stderr are gone (a `| tee` that died with the terminal).
 """
@@ -17,6 +18,7 @@ import shlex
 import signal
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +26,10 @@ import typer
 from rich.console import Console
 
 from twinserve.cli.chat import CHAMPION_REF, DEMO_QUESTION, stream_chat
+from twinserve.cli.up_rag import rag_usage
 
 if TYPE_CHECKING:
+    from twinserve.cli.up_rag import RagProcess
     from twinserve.client import LLMClient
     from twinserve.platforms.local.platform import LocalPlatform
 
@@ -45,16 +49,34 @@ def up_command(
     hold: float | None = typer.Option(
         None, "--hold", min=0, help="Serve this many seconds, then delete (default: until Ctrl-C)."
     ),
+    rag: bool = typer.Option(
+        True, "--rag/--no-rag", help="Also run the RAG service in front of the endpoint."
+    ),
+    docs: Path | None = typer.Option(
+        None, "--docs", help="What the RAG service answers from (default: this project's docs/)."
+    ),
 ) -> None:
     """Deploy llm-twin@champion as endpoint `twin` (autoscaling 1..2), ask it once, serve until Ctrl-C."""
     from twinserve.errors import TwinserveError
     from twinserve.platforms.local.platform import LocalPlatform
 
     manager = LocalPlatform()
+    services: list[RagProcess] = []
     failure: Exception | None = None
     with _StopSignals() as stop:  # Ctrl-C, SIGTERM and SIGHUP all end it the same way
         try:
-            _run(manager, name, model, question, max_replicas, target_concurrency, max_new_tokens, hold)
+            _run(
+                manager,
+                name,
+                model,
+                question,
+                max_replicas,
+                target_concurrency,
+                max_new_tokens,
+                hold,
+                services if rag else None,
+                docs,
+            )
         except KeyboardInterrupt:
             _say("\n[dim]interrupted[/dim]")
         except TwinserveError as exc:
@@ -65,6 +87,8 @@ def up_command(
         finally:
             # whatever happened above, printing included: no endpoint and no process is left behind
             stop.ignore_more()
+            for service in services:  # the RAG service calls the endpoint: it goes first
+                service.stop()
             _delete(manager, name)
     if failure is not None:
         raise typer.Exit(1) from failure
@@ -79,6 +103,8 @@ def _run(
     target_concurrency: float,
     max_new_tokens: int,
     hold: float | None,
+    services: list[RagProcess] | None,
+    docs: Path | None,
 ) -> None:
     from twinserve.client import LLMClient
     from twinserve.deploy.spec import EndpointConfig
@@ -120,7 +146,8 @@ def _run(
     with LLMClient(endpoint.url, api="openai") as client:
         stream_chat(client, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
         _one_async_job(client, question, max_new_tokens)
-    out.print(_usage(name, endpoint.url, manager.runtime_api_url()), highlight=False, soft_wrap=True)
+    rag_url = _rag(name, manager, services, max_new_tokens, docs) if services is not None else None
+    out.print(_usage(name, endpoint.url, manager.runtime_api_url(), rag_url), highlight=False, soft_wrap=True)
     _serve(manager, name, hold)
 
 
@@ -145,12 +172,43 @@ def _one_async_job(client: LLMClient, question: str, max_new_tokens: int) -> Non
     )
 
 
+def _rag(
+    name: str, manager: LocalPlatform, services: list[RagProcess], max_new_tokens: int, docs: Path | None
+) -> str | None:
+    """Ingest docs/, start the RAG service in front of the endpoint, ask it once; its URL."""
+    from twinserve.cli.rag import print_sources
+    from twinserve.cli.up_rag import RAG_QUESTION, RagProcess, ingest_docs, project_docs
+    from twinserve.rag.ask import ask
+
+    docs = docs or project_docs()
+    if docs is None:
+        err.print("[dim]no docs/ folder here: the RAG service is not started[/dim]")
+        return None
+    with err.status(f"ingesting {docs} into the RAG collection …"):
+        summary = ingest_docs(docs, err)
+    err.print(f"[green]ingested[/green] {docs}: {summary}", highlight=False)
+    rag = RagProcess(name, manager.home / "rag" / "up-rag.log")
+    services.append(rag)
+    with err.status("starting the RAG service in front of the endpoint …"):
+        rag.start()
+    err.print(f"[green]RAG service is up[/green] at {rag.url}")
+    err.print(f"[bold]user (RAG):[/bold] {RAG_QUESTION}")
+
+    def token(text: str) -> None:
+        out.print(text, end="", highlight=False, soft_wrap=True)
+
+    answer = ask(rag.url, {"query": RAG_QUESTION, "k": 4, "max_new_tokens": max_new_tokens}, on_token=token)
+    out.print()
+    print_sources(answer["sources"])
+    return rag.url
+
+
 def _threads_per_replica(max_replicas: int) -> int:
     """Cores split between the most replicas autoscaling may run: they never fight for a core."""
     return max(1, (os.cpu_count() or 1) // max_replicas)
 
 
-def _usage(name: str, url: str, runtime_api: str | None = None) -> str:
+def _usage(name: str, url: str, runtime_api: str | None = None, rag_url: str | None = None) -> str:
     tgi = {"inputs": "What is an LLM twin?", "parameters": {"max_new_tokens": 64}}
     chat = {
         "messages": [{"role": "user", "content": "What is an LLM twin?"}],
@@ -185,6 +243,7 @@ def _usage(name: str, url: str, runtime_api: str | None = None) -> str:
             "--output DIR   (offline, in-process; docs/batch.md)",
             f"  status: twinserve endpoint describe {name}    load test: twinserve bench serve --url {url} "
             "--api openai --chat --concurrency 16",
+            *(rag_usage(rag_url) if rag_url else []),
             "serving until Ctrl-C (then the endpoint is deleted)",
         ]
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twinserve.client.asgi_transport import ASGIStreamTransport
 from twinserve.client.async_jobs import AsyncInvocation, AsyncState, AsyncStatus
+from twinserve.client.context import request_id
 from twinserve.client.llm_client import LLMClient
 from twinserve.client.transport import (
     AsyncRef,
@@ -20,9 +22,19 @@ from twinserve.client.transport import (
     StreamResponse,
     Transport,
 )
-from twinserve.client.types import Api, FinishReason, GenerationResult, StreamChunk, TokenInfo
+from twinserve.client.types import (
+    Api,
+    ChatTokens,
+    FinishReason,
+    GenerationResult,
+    PromptToken,
+    ServerInfo,
+    StreamChunk,
+    TokenInfo,
+)
 
 __all__ = [
+    "ASGIStreamTransport",
     "Api",
     "AsyncInvocation",
     "AsyncRef",
@@ -30,16 +42,20 @@ __all__ = [
     "AsyncState",
     "AsyncStatus",
     "AsyncStreamResponse",
+    "ChatTokens",
     "FinishReason",
     "GenerationResult",
     "HttpTransport",
     "LLMClient",
+    "PromptToken",
     "Response",
     "SageMakerTransport",
+    "ServerInfo",
     "StreamChunk",
     "StreamResponse",
     "TokenInfo",
     "Transport",
+    "request_id",
 ]
 
 if TYPE_CHECKING:

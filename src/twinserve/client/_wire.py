@@ -21,6 +21,7 @@ from twinserve.server.protocol import openai as oai
 from twinserve.server.protocol import tgi
 
 OpenAIKind = Literal["chat", "completion"]
+Messages = Sequence[Mapping[str, Any]]
 
 TGI_GENERATE = "/generate"
 TGI_STREAM = "/generate_stream"
@@ -74,7 +75,7 @@ def openai_params(params: Mapping[str, Any], kind: OpenAIKind) -> dict[str, Any]
 
 def openai_body(
     kind: OpenAIKind,
-    content: str | Sequence[Mapping[str, Any]],
+    content: str | Messages,
     params: Mapping[str, Any],
     *,
     model: str | None,

@@ -4,7 +4,8 @@ One request is one `_Call` (path, body, how to read the answer); the four loops 
 (sync/async × unary/stream) only add retries around a transport; the unary ones also carry
 the asynchronous invocations (`submit_async`, and the polls of `async_jobs.AsyncInvocation`). Retries follow
 `RetryPolicy` and never happen once a stream has handed out a chunk: the caller has
-already seen text that a second attempt might not reproduce.
+already seen text that a second attempt might not reproduce. The calls about the server
+(`info`, `tokenize`, `chat_tokenize`, `health`) are `_ops.ServerCalls`, over the same loops.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twinserve.client import _wire
 from twinserve.client._errors import error_from_response
+from twinserve.client._ops import ServerCalls
 from twinserve.client._retry import RetryPolicy, retry_after
 from twinserve.client._stream import OpenAIStreamParser, StreamParser, TgiStreamParser
 from twinserve.client.async_jobs import AsyncInvocation, AsyncStatus, read_status
@@ -29,7 +31,7 @@ from twinserve.errors import TwinserveError
 
 log = logging.getLogger(__name__)
 
-Messages = Sequence[Mapping[str, Any]]
+Messages = _wire.Messages
 
 T = TypeVar("T")
 _ASYNC = "/async-invocations"
@@ -45,8 +47,10 @@ class _Call:
     parser: Callable[[str | None], StreamParser]
 
 
-class LLMClient:
-    """Generate and chat against one endpoint, sync or async, whole or streamed.
+class LLMClient(ServerCalls):
+    """Generate and chat against one endpoint, sync or async, whole or streamed; and ask it
+    what it serves (`info`), how it tokenizes (`tokenize`, `chat_tokenize`) and whether it
+    serves now (`health`), the calls of `_ops.ServerCalls`.
 
     `api="tgi"`: `generate*` use `/generate` and `/generate_stream`; `api="openai"`:
     `/v1/completions`. `chat*` always use `/v1/chat/completions` (TGI serves it too).

@@ -12,6 +12,13 @@ picks the protocol there (as in the HF LLM DLC, and in our server's `/invocation
 `"stream": true`, its `PayloadPart`s re-assembled into SSE events (`_sse.SSEDecoder`), so the
 client parses the same `data:` strings as over HTTP.
 
+Nothing else of the server is reachable through SageMaker Runtime: `get` (`/info`, `/health`)
+and a `send` to a route with no `/invocations` body (`/tokenize`, `/chat_tokenize`) raise
+`NotFoundError` before any call, the error a server without the route answers with, so a
+caller that can do without (the RAG service: limits from its settings, a local tokenizer)
+has one error to catch, and it is never retried. (A request id is not sent either: the runtime
+API takes no headers of ours.)
+
 Asynchronous invocations: `submit_job` is `InvokeEndpointAsync` (the body inline, or uploaded
 first to `async_input_location`), `job_status`/`job_output` look at the output and failure
 objects in S3 (SageMaker has no status API; see `_sagemaker_async`).
@@ -46,6 +53,7 @@ from twinserve.client._sagemaker_errors import ClientError, error_response, stre
 from twinserve.client._sse import SSEDecoder
 from twinserve.client._threads import ThreadPump
 from twinserve.client.transport import AsyncRef, AsyncRequest, AsyncStreamResponse, Response, StreamResponse
+from twinserve.errors import NotFoundError
 
 _JSON = "application/json"
 _LOCAL_REGION = "us-east-1"  # any region signs for the local gateway; botocore insists on one
@@ -112,6 +120,7 @@ class SageMakerTransport:
 
     # ---------------------------------------------------------------- sync
     def send(self, path: str, payload: Mapping[str, Any]) -> Response:
+        self._check_invocable(path)
         body = _wire.invocations_body(path, payload, stream=False)
         with translated(self._where(path)):
             try:
@@ -139,6 +148,7 @@ class SageMakerTransport:
 
     def _open_stream(self, path: str, payload: Mapping[str, Any]) -> Response | tuple[dict[str, str], Any]:
         """The response headers and botocore's EventStream, or the error answer."""
+        self._check_invocable(path)
         body = _wire.invocations_body(path, payload, stream=True)
         with translated(self._where(path)):
             try:
@@ -165,6 +175,19 @@ class SageMakerTransport:
             except ClientError as exc:  # EventStreamError: ModelStreamError, InternalStreamFailure
                 raise stream_error(exc) from exc
             yield from decoder.end()
+
+    def get(self, path: str) -> Response:
+        raise self._unreachable(path)
+
+    def _check_invocable(self, path: str) -> None:
+        if path not in _wire.INVOCATION_PATHS:
+            raise self._unreachable(path)
+
+    def _unreachable(self, path: str) -> NotFoundError:
+        return NotFoundError(
+            f"{path} cannot be reached through SageMaker Runtime, which invokes only an endpoint's "
+            f"/invocations (here {self.endpoint_name!r}); ask the model server over HTTP for it"
+        )
 
     def submit_job(self, request: AsyncRequest) -> Response:
         operation = self._client.meta.service_model.operation_model("InvokeEndpointAsync")
@@ -218,10 +241,15 @@ class SageMakerTransport:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def asend(self, path: str, payload: Mapping[str, Any]) -> Response:
+        self._check_invocable(path)
         return await self._in_thread(self.send, path, payload)
+
+    async def aget(self, path: str) -> Response:
+        raise self._unreachable(path)
 
     @contextlib.asynccontextmanager
     async def astream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[AsyncStreamResponse]:
+        self._check_invocable(path)
         opened = await self._in_thread(self._open_stream, path, payload)
         if isinstance(opened, Response):
             yield AsyncStreamResponse(opened.status, opened.headers, body=opened.body)

@@ -5,7 +5,14 @@ status, headers and body as they came (error mapping stays in the client, the sa
 for every transport) and translates its own failures into `UnreachableError` (nothing
 was sent, safe to retry) and `RequestTimeoutError`. A SageMaker-runtime transport
 plugs in here: `InvokeEndpoint` for `send`, `InvokeEndpointWithResponseStream` for
-`stream`, with the path telling it which body shape is coming.
+`stream`, with the path telling it which body shape is coming. `get` (and `aget`) fetch a
+server's own routes (`/info`, `/health`); a transport that cannot reach a route (SageMaker
+Runtime reaches only `/invocations`) raises `NotFoundError` for it, as a server without it
+would answer.
+
+`HttpTransport` sends the id of an enclosing `twinserve.client.request_id(...)` block as
+`x-request-id`; with `app=` it reaches an ASGI app in this process through
+`asgi_transport.ASGIStreamTransport` instead of a socket (async calls only).
 
 Asynchronous invocations (`submit_job`, `job_status`, `job_output` and their async twins)
 follow the job service's API: every transport answers as `POST /async-invocations` (202 and
@@ -31,6 +38,8 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import EventSource, SSEError
 
+from twinserve.client.asgi_transport import ASGIApp, ASGIStreamTransport
+from twinserve.client.context import current_request_id
 from twinserve.errors import RequestTimeoutError, ServerError, UnreachableError
 
 
@@ -107,7 +116,13 @@ class Transport(Protocol):
 
     def stream(self, path: str, payload: Mapping[str, Any]) -> AbstractContextManager[StreamResponse]: ...
 
+    def get(self, path: str) -> Response:
+        """`GET path`: a server's own route (`/info`, `/health`)."""
+        ...
+
     async def asend(self, path: str, payload: Mapping[str, Any]) -> Response: ...
+
+    async def aget(self, path: str) -> Response: ...
 
     def astream(
         self, path: str, payload: Mapping[str, Any]
@@ -135,6 +150,11 @@ class HttpTransport:
 
     The sync and async httpx clients are created on first use. An async client belongs
     to the event loop that first used it: call `aclose()` before using it from another.
+
+    `app`: an ASGI app in this process (the monolith mode: `HttpTransport("http://llm",
+    app=create_app(...))`) is called directly, streams included, with no socket in between;
+    `base_url` then only names it. Only the async calls can reach it (it lives on the event
+    loop): a sync call raises RuntimeError. Its lifespan is its host's to run.
     """
 
     def __init__(
@@ -147,8 +167,10 @@ class HttpTransport:
         max_connections: int | None = None,
         max_keepalive_connections: int | None = 64,
         headers: Mapping[str, str] | None = None,
+        app: ASGIApp | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._app = app
         self._headers = {"accept": "application/json", **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -163,10 +185,16 @@ class HttpTransport:
     def __repr__(self) -> str:
         # the key is only ever in the client's default headers, never in a repr or a message
         auth = ", api_key=***" if "authorization" in self._headers else ""
-        return f"HttpTransport({self.base_url!r}{auth})"
+        where = ", in_process=True" if self._app is not None else ""
+        return f"HttpTransport({self.base_url!r}{auth}{where})"
 
     # ---------------------------------------------------------------- sync
     def _sync(self) -> httpx.Client:
+        if self._app is not None:
+            raise RuntimeError(
+                f"{self!r} calls an app on this process's event loop: use the async calls "
+                "(agenerate, achat, achat_stream, ainfo, …)"
+            )
         if self._client is None:
             self._client = httpx.Client(
                 base_url=self.base_url, headers=self._headers, timeout=self._timeout, limits=self._limits
@@ -175,14 +203,14 @@ class HttpTransport:
 
     def send(self, path: str, payload: Mapping[str, Any]) -> Response:
         with _translated(self.base_url, path):
-            r = self._sync().post(path, json=payload)
+            r = self._sync().post(path, json=payload, headers=_with_request_id())
             return Response(r.status_code, _headers(r), r.content)
 
     @contextmanager
     def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[StreamResponse]:
         with (
             _translated(self.base_url, path),
-            self._sync().stream("POST", path, json=payload, headers=_SSE) as r,
+            self._sync().stream("POST", path, json=payload, headers=_with_request_id(_SSE)) as r,
         ):
             if not r.is_success:
                 yield StreamResponse(r.status_code, _headers(r), body=r.read())
@@ -202,19 +230,21 @@ class HttpTransport:
     def submit_job(self, request: AsyncRequest) -> Response:
         with _translated(self.base_url, ASYNC_INVOCATIONS):
             r = self._sync().post(
-                ASYNC_INVOCATIONS, content=request.body or b"", headers=_job_headers(request)
+                ASYNC_INVOCATIONS,
+                content=request.body or b"",
+                headers=_with_request_id(_job_headers(request)),
             )
             return Response(r.status_code, _headers(r), r.content)
 
     def job_status(self, ref: AsyncRef) -> Response:
-        return self._get(_job_path(ref))
+        return self.get(_job_path(ref))
 
     def job_output(self, ref: AsyncRef) -> Response:
-        return self._get(f"{_job_path(ref)}/output")
+        return self.get(f"{_job_path(ref)}/output")
 
-    def _get(self, path: str) -> Response:
+    def get(self, path: str) -> Response:
         with _translated(self.base_url, path):
-            r = self._sync().get(path, headers=_ANY)
+            r = self._sync().get(path, headers=_with_request_id(_ANY))
             return Response(r.status_code, _headers(r), r.content)
 
     def close(self) -> None:
@@ -226,19 +256,23 @@ class HttpTransport:
     def _async(self) -> httpx.AsyncClient:
         if self._aclient is None:
             self._aclient = httpx.AsyncClient(
-                base_url=self.base_url, headers=self._headers, timeout=self._timeout, limits=self._limits
+                base_url=self.base_url,
+                headers=self._headers,
+                timeout=self._timeout,
+                limits=self._limits,
+                transport=ASGIStreamTransport(self._app) if self._app is not None else None,
             )
         return self._aclient
 
     async def asend(self, path: str, payload: Mapping[str, Any]) -> Response:
         with _translated(self.base_url, path):
-            r = await self._async().post(path, json=payload)
+            r = await self._async().post(path, json=payload, headers=_with_request_id())
             return Response(r.status_code, _headers(r), r.content)
 
     @asynccontextmanager
     async def astream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[AsyncStreamResponse]:
         with _translated(self.base_url, path):
-            async with self._async().stream("POST", path, json=payload, headers=_SSE) as r:
+            async with self._async().stream("POST", path, json=payload, headers=_with_request_id(_SSE)) as r:
                 if not r.is_success:
                     yield AsyncStreamResponse(r.status_code, _headers(r), body=await r.aread())
                     return
@@ -256,19 +290,21 @@ class HttpTransport:
     async def asubmit_job(self, request: AsyncRequest) -> Response:
         with _translated(self.base_url, ASYNC_INVOCATIONS):
             r = await self._async().post(
-                ASYNC_INVOCATIONS, content=request.body or b"", headers=_job_headers(request)
+                ASYNC_INVOCATIONS,
+                content=request.body or b"",
+                headers=_with_request_id(_job_headers(request)),
             )
             return Response(r.status_code, _headers(r), r.content)
 
     async def ajob_status(self, ref: AsyncRef) -> Response:
-        return await self._aget(_job_path(ref))
+        return await self.aget(_job_path(ref))
 
     async def ajob_output(self, ref: AsyncRef) -> Response:
-        return await self._aget(f"{_job_path(ref)}/output")
+        return await self.aget(f"{_job_path(ref)}/output")
 
-    async def _aget(self, path: str) -> Response:
+    async def aget(self, path: str) -> Response:
         with _translated(self.base_url, path):
-            r = await self._async().get(path, headers=_ANY)
+            r = await self._async().get(path, headers=_with_request_id(_ANY))
             return Response(r.status_code, _headers(r), r.content)
 
     async def aclose(self) -> None:
@@ -298,6 +334,15 @@ def _job_headers(request: AsyncRequest) -> dict[str, str]:
         if value is not None:
             headers[name] = str(value)
     return headers
+
+
+def _with_request_id(headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A request's own headers, with the enclosing `request_id(...)` block's id if any."""
+    out = dict(headers or {})
+    rid = current_request_id()
+    if rid is not None:
+        out["x-request-id"] = rid
+    return out
 
 
 def _headers(response: httpx.Response) -> dict[str, str]:

@@ -1,4 +1,6 @@
-"""What `LLMClient` returns: one result type and one stream-chunk type for every wire format.
+"""What `LLMClient` returns: one result type and one stream-chunk type for every wire format,
+and what the server says about itself (`ServerInfo`) and its tokenizer (`PromptToken`,
+`ChatTokens`).
 
 TGI and OpenAI say the same things with different names; these types say them once, so
 callers (the RAG service, the load benchmark) never branch on the protocol.
@@ -7,8 +9,9 @@ callers (the RAG service, the load benchmark) never branch on the protocol.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Api = Literal["tgi", "openai"]
 
@@ -91,3 +94,48 @@ class StreamChunk:
     generated_tokens: int | None = None
     seed: int | None = None
     request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptToken:
+    """One token of a prompt as the server's tokenizer cut it (`/tokenize`, `/chat_tokenize`):
+    its id, its text, and the character offsets `[start, stop)` of that text in the prompt."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTokens:
+    """A conversation as the model sees it (`/chat_tokenize`): the prompt its chat template
+    renders, and that prompt's tokens exactly as generation counts them, so `count` is the
+    `prompt_tokens` a chat completion of the same messages reports."""
+
+    templated_text: str
+    tokens: tuple[PromptToken, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What `/info` says is served, read leniently: a field the server does not report is None.
+
+    A TGI peer has `model_id` and the limits (`max_input_length` before TGI 2, read as
+    `max_input_tokens`) but none of the registry's provenance; twinserve's server has all of
+    them (`prompt_template`: "tokenizer", a built-in template's name, or "custom"). `raw` is
+    the whole answer, for fields not lifted here.
+    """
+
+    model_id: str | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    registry_name: str | None = None
+    registry_version: int | None = None
+    prompt_template: str | None = None
+    version: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)

@@ -49,6 +49,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Lifespan
 
+from twinserve.api_keys import require_key
 from twinserve.deploy.async_config import MAX_INVOCATION_TIMEOUT_S, MAX_TTL_S
 from twinserve.errors import (
     ClientError,
@@ -64,7 +65,6 @@ from twinserve.jobs.locations import file_path, parse_s3
 from twinserve.jobs.model import MAX_INLINE_BODY_BYTES, Job, JobStatus, new_inference_id
 from twinserve.jobs.queue import JobQueue
 from twinserve.jobs.results import ResultStore, check_inference_id
-from twinserve.server.auth import require_key
 from twinserve.server.errors import InternalError, error_response
 from twinserve.server.json_body import decode_json_body
 from twinserve.server.middleware import declares_more_than

@@ -20,7 +20,7 @@ from twinserve.server.errors import InternalError, Wire, error_response
 log = logging.getLogger("twinserve.access")
 errors_log = logging.getLogger("twinserve.server")
 
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # probes that would drown the log at INFO
 _QUIET_PATHS = {"/health", "/ping", "/metrics"}
 
@@ -57,7 +57,7 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             given = value.decode("latin-1")
-            if _VALID_ID.match(given):
+            if _VALID_ID.fullmatch(given):
                 return given
             break
     return uuid.uuid4().hex

@@ -22,8 +22,8 @@ from types import FrameType
 import uvicorn
 
 from twinserve.config import ServeConfig
+from twinserve.logs import configure_logging
 from twinserve.server.app import create_app
-from twinserve.server.logs import configure_logging
 from twinserve.server.service import ModelService, ServiceState
 
 log = logging.getLogger(__name__)

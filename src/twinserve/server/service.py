@@ -236,12 +236,23 @@ class ModelService:
         """`/tokenize`: the tokens generation would see, under its limits (blocking: call it off
         the loop)."""
         engine = self.ready_engine().engine
+        tokens = self._tokens(text, truncate=truncate, add_special_tokens=True)
+        engine.check_input_length(len(tokens), 0)
+        return tokens
+
+    def chat_tokens(self, prompt: str, *, truncate: int | None) -> list[tgi.SimpleToken]:
+        """`/chat_tokenize`: a rendered chat's tokens as a chat completion counts them, i.e. with
+        no special tokens added (the template wrote its own) and `truncate` applied. No input
+        limit: the route measures, so that a caller can trim a prompt that does not fit."""
+        return self._tokens(prompt, truncate=truncate, add_special_tokens=False)
+
+    def _tokens(self, text: str, *, truncate: int | None, add_special_tokens: bool) -> list[tgi.SimpleToken]:
+        engine = self.ready_engine().engine
         engine.check_truncate(truncate)
-        encoding = engine.encode(text, offsets=True)
+        encoding = engine.encode(text, add_special_tokens=add_special_tokens, offsets=True)
         pairs = list(zip(encoding["input_ids"], encoding["offset_mapping"], strict=True))
         if truncate is not None:
             pairs = pairs[-truncate:]
-        engine.check_input_length(len(pairs), 0)
         return [tgi.SimpleToken(id=tid, text=text[a:b], start=a, stop=b) for tid, (a, b) in pairs]
 
     async def off_loop(self, fn: Callable[[], T]) -> T:

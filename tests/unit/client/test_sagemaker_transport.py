@@ -265,7 +265,7 @@ def test_transport_details(gateway: str) -> None:
         pytest.raises(NotFoundError, match="Variant blue"),
     ):
         client.generate(PROMPT)
-    with pytest.raises(ValueError, match="/tokenize"):
+    with pytest.raises(NotFoundError, match="/tokenize"):
         transport.send("/tokenize", {"inputs": "x"})
     with LLMClient(transport=transport, max_new_tokens=2) as client:
         assert client.generate(PROMPT).text

@@ -93,6 +93,7 @@ ROUTE_BODIES: dict[str, tuple[dict[str, Any], str]] = {
     "/generate_stream": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
     "/": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
     "/tokenize": ({"inputs": "hello"}, "tgi"),
+    "/chat_tokenize": ({"messages": [{"role": "user", "content": "hi"}]}, "tgi"),
     "/invocations": ({"inputs": "hello", "parameters": {"max_new_tokens": 2}}, "tgi"),
     "/v1/chat/completions": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, "openai"),
     "/v1/completions": ({"prompt": "hello", "max_tokens": 2}, "openai"),

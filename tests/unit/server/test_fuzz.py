@@ -164,7 +164,8 @@ def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     body, wire = ROUTE_BODIES[path]
     body = json.loads(json.dumps(body))
     target = body.get("parameters", body) if wire == "tgi" and draw(st.booleans()) else body
-    names = FIELDS["parameters"] if target is not body else FIELDS[wire]
+    # a chat body (TGI's /chat_tokenize takes one too) gets OpenAI's fields
+    names = FIELDS["parameters"] if target is not body else FIELDS["openai" if "messages" in body else wire]
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.one_of(st.sampled_from(names), st.sampled_from(names), _text()))
         target[name] = draw(st.one_of(HOSTILE, _json_values()))

@@ -1,4 +1,5 @@
-"""Text Generation Inference's wire format (`/generate`, `/generate_stream`, `/`, `/info`).
+"""Text Generation Inference's wire format (`/generate`, `/generate_stream`, `/`, `/info`,
+`/tokenize`, `/chat_tokenize`).
 
 Field names, defaults and the error body `{"error", "error_type"}` follow TGI so its
 clients (`text_generation`, `huggingface_hub.InferenceClient`) work unmodified.
@@ -214,6 +215,14 @@ class SimpleToken(BaseModel):
 
 class TokenizeResponse(RootModel[list[SimpleToken]]):
     pass
+
+
+class ChatTokenizeResponse(BaseModel):
+    """`POST /chat_tokenize`'s answer (TGI's shape): the prompt the chat template rendered, and
+    its tokens with offsets into that text."""
+
+    tokenize_response: list[SimpleToken]
+    templated_text: str
 
 
 # ------------------------------------------------------------------ adapters

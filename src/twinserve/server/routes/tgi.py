@@ -1,4 +1,4 @@
-"""TGI routes: `/generate`, `/generate_stream`, `/` (compat) and `/tokenize`."""
+"""TGI routes: `/generate`, `/generate_stream`, `/` (compat), `/tokenize` and `/chat_tokenize`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from twinserve.errors import ValidationError
 from twinserve.server.auth import check_api_key
 from twinserve.server.generation import ClientDisconnected, Generation, merged
 from twinserve.server.json_body import StrictJSONRoute
+from twinserve.server.protocol import openai as oai
 from twinserve.server.protocol import tgi
 from twinserve.server.routes import admit, service_of
 from twinserve.server.sse import KEEPALIVE, keepalive_s, sse_content, sse_event, sse_response
@@ -76,6 +77,21 @@ async def tokenize(body: tgi.TokenizeRequest, request: Request) -> Response:
     tokens = await service.off_loop(lambda: service.tokenize(body.inputs, truncate=truncate))
     payload = tgi.TokenizeResponse(tokens).model_dump_json().encode()
     return Response(payload, media_type="application/json")
+
+
+@router.post("/chat_tokenize", response_model=tgi.ChatTokenizeResponse, responses=_ERRORS)
+async def chat_tokenize(body: oai.ChatCompletionRequest, request: Request) -> Response:
+    """A chat request's prompt as `/v1/chat/completions` gives it to the model: the text the
+    model's chat template renders and its tokens, counted as generation counts them (so their
+    number is that completion's `usage.prompt_tokens`). No input limit: it measures, so a
+    caller can trim a prompt that does not fit. Computed off the event loop."""
+    service = service_of(request)
+    body.to_sampling(service.generation_defaults)  # what the chat route refuses is refused here
+    prompt = await service.chat_prompt(body.message_dicts())
+    truncate = body.truncate_prompt_tokens
+    tokens = await service.off_loop(lambda: service.chat_tokens(prompt, truncate=truncate))
+    answer = tgi.ChatTokenizeResponse(tokenize_response=tokens, templated_text=prompt)
+    return Response(answer.model_dump_json().encode(), media_type="application/json")
 
 
 async def unary_response(request: Request, generation: Generation, *, as_list: bool) -> Response:

@@ -157,9 +157,13 @@ def test_update_scale_reconcile_export_up(home: Path, tiny_model_dir: Path, tmp_
     assert runner.invoke(app, ["endpoint", "delete", "ops"]).exit_code == 0
 
 
-def test_up_deploys_asks_and_deletes(home: Path, tiny_model_dir: Path) -> None:
+def test_up_deploys_asks_and_deletes(home: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "twin.md").write_text("# LLM twin\n\nAn LLM twin writes in its owner's voice.\n")
     result = runner.invoke(
-        app, ["up", "--model", str(tiny_model_dir), "--hold", "0", "--max-new-tokens", "4"]
+        app,
+        ["up", "--model", str(tiny_model_dir), "--hold", "0", "--max-new-tokens", "4", "--docs", str(docs)],
     )
     assert result.exit_code == 0, result.output
     for text in (
@@ -169,6 +173,10 @@ def test_up_deploys_asks_and_deletes(home: Path, tiny_model_dir: Path) -> None:
         "/generate",
         "async job",
         "/async-invocations",
+        "RAG service is up",
+        "sources",
+        "docs/twin.md",
+        "/rag",
         "deleted",
     ):
         assert text in result.output, (text, result.output)

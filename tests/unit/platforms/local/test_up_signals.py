@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.servers import process_gone, until
@@ -29,6 +30,8 @@ def test_up_deletes_its_endpoint_even_when_its_output_is_gone(
         str(tiny_model_dir),
         "--max-new-tokens",
         "4",
+        "--docs",
+        str(_small_docs(tmp_path)),
     ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
@@ -47,6 +50,9 @@ def test_up_deletes_its_endpoint_even_when_its_output_is_gone(
         pids = [p for p in (ep.router_pid, ep.controller_pid, ep.async_pid) if p]
         pids += [r.pid for r in store.replicas("twin") if r.pid]
         assert len(pids) >= 4  # router, controller, job service, a replica
+        rag = [c.pid for c in psutil.Process(proc.pid).children() if "rag" in c.cmdline()]
+        assert len(rag) == 1  # the RAG service in front of the endpoint
+        pids += rag
         proc.stdout.close()  # the reader of both streams goes away (tee died with the terminal)
         proc.stderr.close()
         os.killpg(proc.pid, sig)  # what the terminal sends its foreground process group
@@ -57,3 +63,12 @@ def test_up_deletes_its_endpoint_even_when_its_output_is_gone(
             proc.wait()
     assert store.list_endpoints() == []
     assert until(lambda: all(process_gone(pid) for pid in pids), 30), pids
+
+
+def _small_docs(tmp_path: Path) -> Path:
+    """A two-page docs/ for the RAG service (the project's own takes longer to embed)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "twin.md").write_text("# LLM twin\n\nAn LLM twin writes in its owner's voice.\n")
+    (docs / "serve.md").write_text("# Serving\n\nRun `twinserve serve --model default` to serve it.\n")
+    return docs

@@ -46,6 +46,7 @@ from typing import Any
 import anyio
 import httpx
 
+from twinserve.api_keys import INVALID_KEY, key_matches
 from twinserve.errors import (
     BadGatewayError,
     EngineDeadError,
@@ -56,7 +57,6 @@ from twinserve.errors import (
 )
 from twinserve.platforms.local.router.health import HealthChecker
 from twinserve.platforms.local.router.pool import Replica, ReplicaPool
-from twinserve.server.auth import INVALID_KEY, key_matches
 from twinserve.server.errors import Wire, error_body, status_for
 from twinserve.server.middleware import declares_more_than, payload_too_large
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from tests.unit.server.conftest import asgi_client
-from twinserve.server.logs import JsonFormatter
+from twinserve.logs import JsonFormatter
 
 pytestmark = pytest.mark.anyio
 
