@@ -156,7 +156,12 @@ async def rag_load(url: str, cfg: RagBenchConfig, indices: range) -> tuple[list[
                 return Outcome(time.perf_counter() - started, error=type(exc).__name__)
             seconds = time.perf_counter() - started
             if response.status_code != 200:
-                error = response.json().get("error_type", "") if _is_json(response) else ""
+                error = ""
+                if _is_json(response):
+                    data = response.json()
+                    # a 424 says what the LLM answered: "424 llm_failed/timeout", not just "424 llm_failed"
+                    upstream = (data.get("llm") or {}).get("error_type")
+                    error = f"{data.get('error_type', '')}{'/' + upstream if upstream else ''}"
                 return Outcome(seconds, error=f"{response.status_code} {error}".strip())
             body = response.json()
             timings = body["timings"]

@@ -48,7 +48,9 @@ def _parse_filters(pairs: list[str]) -> dict[str, Any] | None:
     return filters or None
 
 
-def _llm_client(llm: str | None, endpoint: str | None, model: str | None, llm_api_key: str | None) -> Any:
+def _llm_client(
+    llm: str | None, endpoint: str | None, model: str | None, llm_api_key: str | None, timeout: float = 300.0
+) -> Any:
     """The one LLMClient of the process, and the ASGI apps it needs hosted (monolith)."""
     from twinserve.client import HttpTransport, LLMClient
     from twinserve.errors import TwinserveError
@@ -57,7 +59,7 @@ def _llm_client(llm: str | None, endpoint: str | None, model: str | None, llm_ap
     if len(given) != 1:
         fail("give exactly one of --llm URL, --endpoint NAME and --model REF", 2)
     if llm:
-        return LLMClient(llm, api_key=llm_api_key), []
+        return LLMClient(llm, api_key=llm_api_key, timeout=timeout), []
     if endpoint:
         from twinserve.platforms import platform_of
 
@@ -78,7 +80,7 @@ def _llm_client(llm: str | None, endpoint: str | None, model: str | None, llm_ap
     from twinserve.server.app import create_app
 
     llm_app = create_app(ServeConfig(model=model))
-    return LLMClient(transport=HttpTransport(IN_PROCESS_URL, app=llm_app)), [llm_app]
+    return LLMClient(transport=HttpTransport(IN_PROCESS_URL, app=llm_app, timeout=timeout)), [llm_app]
 
 
 @app.command("serve")
@@ -112,7 +114,7 @@ def serve_command(
         fail(exc.message)
     api_key = api_key or os.environ.get("TWINSERVE_RAG_API_KEY") or None
     llm_api_key = llm_api_key or os.environ.get("TWINSERVE_RAG_LLM_API_KEY") or None
-    client, hosted = _llm_client(llm, endpoint, model, llm_api_key)
+    client, hosted = _llm_client(llm, endpoint, model, llm_api_key, settings.llm_timeout_s)
     rag_app = create_rag_app(settings, client, api_key=api_key, hosted=hosted, log_queries=log_queries)
     run_rag(rag_app, host=host, port=port, log_format=log_format)
 

@@ -50,6 +50,14 @@ class RagSettings(BaseSettings):
     chunk_tokens: int = Field(256, ge=16, le=8192)
     chunk_overlap: int = Field(32, ge=0)
     embed_batch_size: int = Field(64, ge=1, le=4096)
+    llm_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "Seconds without a byte from the LLM before a call fails (TWINSERVE_RAG_LLM_TIMEOUT_S): "
+            "a whole answer, when not streamed, so it covers queueing on a busy LLM."
+        ),
+    )
 
     @field_validator("qdrant_url")
     @classmethod

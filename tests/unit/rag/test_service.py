@@ -254,3 +254,22 @@ def test_the_monolith_runs_the_llm_in_process_with_the_same_api(
         assert [kind for kind, _ in events][0] == "sources" and events[-1][0] == "done"
         assert "".join(d["text"] for kind, d in events if kind == "token") == whole.json()["answer"]
         assert whole.json()["sources"]
+
+
+def test_query_expansion_asks_the_llm_and_searches_each_rephrasing(rag: str) -> None:
+    r = _post(rag, "/search", {"query": "green tea temperature", "k": 2, "expand": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["queries"][0] == "green tea temperature" and len(body["queries"]) <= 3
+    assert body["timings"]["expand_ms"] is not None and body["sources"]
+    off = _post(rag, "/search", {"query": "green tea temperature", "k": 2}).json()
+    assert off["timings"]["expand_ms"] is None and off["queries"] == ["green tea temperature"]
+
+
+def test_logs_never_carry_the_query_text(rag: str, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "my-very-private-question-about-tea"
+    with caplog.at_level(logging.DEBUG):
+        assert _post(rag, "/rag", {"query": secret, "k": 1, "max_new_tokens": 2}).status_code == 200
+    assert any(rec.name == "twinserve.rag.access" for rec in caplog.records)
+    for record in caplog.records:
+        assert secret not in record.getMessage() and secret not in str(record.__dict__)
