@@ -75,15 +75,10 @@ def rag(
         log.close()
 
 
-def test_ingesting_docs_is_idempotent(ingested: dict[str, object], rag_env: dict[str, str]) -> None:
-    assert int(ingested["chunks"]) > 50  # type: ignore[call-overload]
-    again = subprocess.run(
-        [*CLI, "rag", "ingest", str(REPO_ROOT / "docs"), "--collection", COLLECTION, "--json"],
-        env=rag_env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    report = json.loads(again.stdout)
-    assert report["chunks"] == 0 and report["unchanged"] == ingested["files"]
+def test_ingesting_docs_embeds_every_page(ingested: dict[str, object]) -> None:
+    # idempotent re-ingest, changed files and prune are tested in tests/unit/rag/test_ingest.py
+    docs = sorted((REPO_ROOT / "docs").glob("*.md"))
+    assert ingested["files"] == len(docs) and int(ingested["chunks"]) > len(docs)  # type: ignore[call-overload]
 
 
 def test_a_question_about_a_documented_command_finds_its_doc(rag: str) -> None:
