@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import statistics
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from twinserve.bench.interrupts import sigterm_interrupts
 from twinserve.bench.prompts import QUESTIONS, chat_messages
 from twinserve.bench.serve_bench import ServeBenchConfig, chat_workload, serve_bench
 from twinserve.config import Dtype
@@ -314,23 +314,6 @@ def _endpoint(
         manager.delete(config.name)
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the cleanup of every block runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ------------------------------------------------------------------ part 1: router overhead
 def router_part(
     manager: LocalPlatform, cfg: EndpointBenchConfig, workdir: Path, progress: Progress
@@ -479,7 +462,7 @@ def run_endpoint_bench(cfg: EndpointBenchConfig, progress: Progress = _quiet) ->
     Ctrl-C (or SIGTERM) stops the run after deleting the endpoint in progress.
     """
     report = EndpointBenchReport(config=cfg, started_at=utcnow(), cpu_count=os.cpu_count())
-    with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="twinserve-bench-endpoint-") as tmp:
+    with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="twinserve-bench-endpoint-") as tmp:
         home = Path(tmp)
         store = StateStore(home / "endpoints" / "state.db")
         manager = LocalPlatform(store, LocalRuntime(store, home=home))

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from twinserve.bench.interrupts import sigterm_interrupts
 from twinserve.bench.rag_load import (
     Outcome,
     RagServeProcess,
     direct_load,
     fetch_prompts,
     rag_load,
-    sigterm_interrupts,
     split,
 )
 from twinserve.bench.stats import Distribution, percentile

@@ -26,13 +26,18 @@ _VALID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 def request_id(rid: str | None = None) -> Iterator[str]:
     """Send `rid` (None: a new random one) as `x-request-id` on the requests made inside; yields it."""
     rid = uuid.uuid4().hex if rid is None else rid
-    if not _VALID.fullmatch(rid):
+    if not is_valid_request_id(rid):
         raise ValueError(f"a request id is 1-128 characters of letters, digits and ._:- (not {rid!r})")
     token = _CURRENT.set(rid)
     try:
         yield rid
     finally:
         _CURRENT.reset(token)
+
+
+def is_valid_request_id(rid: str) -> bool:
+    """Whether twinserve's servers keep `rid` as it is (the RAG service checks incoming ids with it)."""
+    return _VALID.fullmatch(rid) is not None
 
 
 def current_request_id() -> str | None:

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from twinserve.client import request_id as llm_request_id
+from twinserve.client.context import is_valid_request_id
 
 log = logging.getLogger("twinserve.rag.access")
 
-_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _QUIET_PATHS = {"/health", "/metrics"}
 
 
@@ -24,7 +23,7 @@ def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             given = value.decode("latin-1")
-            if _VALID_ID.fullmatch(given):
+            if is_valid_request_id(given):
                 return given
     return uuid.uuid4().hex
 
