@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.needs import missing_tool
 from twinserve.server.process import free_port
 
 
@@ -27,7 +28,13 @@ def postgres_bin(name: str) -> str | None:
 
 
 def postgres_available() -> bool:
-    return postgres_bin("initdb") is not None and postgres_bin("pg_ctl") is not None
+    return all(postgres_bin(name) is not None for name in ("initdb", "pg_ctl", "createdb"))
+
+
+def require_postgres() -> None:
+    """Skip the test where PostgreSQL is missing; fail it in CI (see tests/needs.py)."""
+    if not postgres_available():
+        missing_tool("PostgreSQL binaries (initdb, pg_ctl, createdb) not found")
 
 
 def _as_owner(cmd: list[str]) -> list[str]:
@@ -38,7 +45,10 @@ def _as_owner(cmd: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def postgres_server(database: str = "registry") -> Iterator[str]:
-    """Yield a SQLAlchemy URL (`postgresql://…@127.0.0.1:PORT/database`) to a fresh cluster."""
+    """Yield a SQLAlchemy URL (`postgresql://…@127.0.0.1:PORT/database`) to a fresh cluster.
+
+    Skips the calling test where PostgreSQL is missing, fails it under CI=true."""
+    require_postgres()
     initdb, pg_ctl, createdb = postgres_bin("initdb"), postgres_bin("pg_ctl"), postgres_bin("createdb")
     assert initdb and pg_ctl and createdb, "PostgreSQL binaries not found"
     root = Path(tempfile.mkdtemp(prefix="twinserve-pg-"))

@@ -1,11 +1,18 @@
-"""`ServeConfig` reads TGI's and SageMaker's environment names, like TGI does."""
+"""`ServeConfig` reads TGI's and SageMaker's environment names, like TGI does, and our own
+(`TWINSERVE_*`), down to the engine they configure."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from tests.factories import SMALL_LIMITS
 from twinserve.config import ServeConfig
+from twinserve.engine.factory import build_engine
+from twinserve.engine.request import GenerateRequest, SamplingParams
 
 TGI_ENV = [
     "HF_MODEL_ID",
@@ -119,3 +126,36 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_MODEL_QUANTIZE")
     with pytest.raises(ValueError, match="max_input_tokens must be < max_total_tokens"):
         ServeConfig(max_input_tokens=4096, max_total_tokens=4096).engine_config("/m")
+
+
+@pytest.mark.parametrize(("value", "shared"), [(None, True), ("0", False)])
+def test_twinserve_share_prompt_prefix_reaches_the_runner(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, value: str | None, shared: bool
+) -> None:
+    """TWINSERVE_SHARE_PROMPT_PREFIX=0 (the escape hatch should sharing misbehave on a model) turns
+    the runner's shared-prefix pass off; unset, a group with a common system prompt shares it."""
+    if value is not None:
+        monkeypatch.setenv("TWINSERVE_SHARE_PROMPT_PREFIX", value)
+    config = ServeConfig(**SMALL_LIMITS).engine_config(str(tiny_model_dir))
+    assert config.share_prompt_prefix is shared
+    engine = build_engine(config, warmup=False)
+    runner = engine.runner
+    real = runner._prefill_prefix  # type: ignore[attr-defined]
+    prefixes: list[int] = []
+
+    def spy(rows: list[Any], prefix: int) -> None:
+        prefixes.append(prefix)
+        real(rows, prefix)
+
+    runner._prefill_prefix = spy  # type: ignore[attr-defined]
+    system = list(range(30, 70))  # 40 tokens every prompt starts with
+    for i, suffix in enumerate([[101, 102], [103], [104, 105, 106]]):
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        engine.add_request(
+            GenerateRequest(prompt_token_ids=system + suffix, params=params, request_id=f"r{i}")
+        )
+    finished = set()
+    while engine.has_work():
+        finished |= {e.request_id for e in engine.step() if e.finished}
+    assert finished == {"r0", "r1", "r2"}
+    assert prefixes == ([len(system)] if shared else [])

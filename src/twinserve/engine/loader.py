@@ -24,6 +24,9 @@ from twinserve.errors import ModelLoadError, NotFoundError
 log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_INDEX = "model.safetensors.index.json"
+# tensors a checkpoint may hold that the forward pass rightly ignores
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -79,10 +82,9 @@ def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors shards; refuses pickle-only checkpoints."""
     if not path.is_dir():
         raise NotFoundError(f"model folder not found: {path}")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
+    index = shard_index(path)
+    if index is not None:
+        files = [path / s for s in sorted(set(index.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ModelLoadError(f"safetensors shards missing in {path}: {', '.join(missing)}")
@@ -100,19 +102,68 @@ def safetensors_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"no safetensors weights in {path}")
 
 
+def shard_index(path: Path) -> dict[str, str] | None:
+    """Tensor name → shard file name from `model.safetensors.index.json`; None without an index."""
+    index = path / _INDEX
+    if not index.exists():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read {index}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index}: weight_map is not a mapping of tensor names to shard files")
+    return weight_map
+
+
 def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of the shards, and a sha256 over the files (what `/info` reports)."""
     return read_tensors(files), hash_weights(files)
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of the shards."""
+def read_tensors(
+    files: list[Path], *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of the shards, each converted to `dtype` and moved to `device` as it is read.
+
+    Each shard is opened (memory-mapped) once and closed before the next, and each tensor is
+    converted on its own, so a 16-bit load of an fp32 checkpoint peaks at the converted
+    model plus one shard, never at a full fp32 copy. Where the folder has an index, each
+    shard must hold exactly the tensors the index assigns to it.
+    """
+    index = shard_index(files[0].parent) if files else None
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                weights[name] = f.get_tensor(name)
+            names = list(f.keys())
+            if index is not None:
+                _check_shard(file, names, index)
+            for name in names:
+                if name in weights:
+                    raise ModelLoadError(f"tensor {name!r} is in more than one shard (again in {file.name})")
+                tensor = f.get_tensor(name)  # a view of the memory map
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                else:  # a copy: a view would keep the whole shard mapped (and resident) for good
+                    tensor = tensor.clone()
+                weights[name] = tensor if device is None else tensor.to(device)
     return weights
+
+
+def _check_shard(file: Path, names: list[str], index: dict[str, str]) -> None:
+    listed = {n for n, shard in index.items() if shard == file.name}
+    held = set(names)
+    if listed != held:
+        missing, unlisted = sorted(listed - held), sorted(held - listed)
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"not in the index: {', '.join(unlisted[:3])}" if unlisted else "",
+            )
+            if part
+        )
+        raise ModelLoadError(f"shard {file.name} disagrees with {_INDEX} ({detail})")
 
 
 def hash_weights(files: list[Path]) -> str:
@@ -162,14 +213,18 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers' validators raise their own types (e.g. huggingface_hub's)
         raise ModelLoadError(f"cannot read config/tokenizer in {path}: {exc}") from exc
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") and dtype == torch.float32:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     attention = resolve_attention(cfg.attention, device)
-    weights, sha = read_tensors(files), weights_digest(cfg, files)
+    # bitsandbytes quantizes from the host copy; int8 quantizes from the checkpoint's own precision
+    load_dtype = None if cfg.quantize == "int8" else dtype
+    load_device = torch.device("cpu") if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") else device
+    weights = read_tensors(files, dtype=load_dtype, device=load_device)
+    sha = weights_digest(cfg, files)
     calibration = calibration_token_ids(tokenizer) if cfg.quantize == "int8" else None
     model = LlamaModel(
         config,
@@ -180,8 +235,13 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         attention=attention,
         calibration_ids=calibration,
     )
-    if weights:
-        log.debug("unused weights: %s", sorted(weights)[:10])
+    unused = sorted(n for n in weights if not n.endswith(_IGNORABLE_SUFFIXES))
+    if unused:
+        raise ModelLoadError(
+            f"{path} holds weights the engine's {config.model_type} forward pass would ignore "
+            f"({', '.join(unused[:5])}{', …' if len(unused) > 5 else ''}): its architecture differs "
+            "from what the engine implements"
+        )
     log.info(
         "loaded %s on %s as %s (quantize=%s, attention=%s)", path, device, dtype, cfg.quantize, attention
     )

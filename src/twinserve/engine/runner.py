@@ -1,7 +1,7 @@
 """Model runner: turns scheduled rows into one forward pass and sampled tokens.
 
 The engine talks to it through the `Runner` protocol with plain data (rows in,
-`RunnerOutput` out), so scheduling and engine logic are testable with a fake runner.
+`RunnerOutput` out), so a test can wrap the real runner to record calls or inject faults.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Iteration-level scheduler: who is prefilled and who decodes in the next step.
 
-Pure bookkeeping over `RequestState`s — no tensors, no model — so it is tested with a
-fake runner. Policy:
+Pure bookkeeping over `RequestState`s — no tensors, no model; its tests drive it through
+the real runner of a tiny model and check the slots each pass ran with. Policy:
 - FIFO admission, never skipping the head of the queue (no starvation);
 - newcomers are prefilled together while the padded prefill (rows × longest prompt)
   stays within `max_batch_prefill_tokens` and the softer `prefill_step_tokens` (a lone

@@ -120,14 +120,18 @@ class Smoother:
         self.cache = SlotKVCache(1, shape.num_kv_heads, shape.head_dim, torch.float32, model.device)
         self.cache.fit(n, width, 0, n * width)
         self.cos, self.sin = model.rope(self.batch)
+        self.window = model.window_mask(self.batch)
+        self.layer_index = 0  # of the model; the calibration cache holds one layer at a time
 
     def smooth(self, raw: LayerWeights) -> LayerWeights:
         """This layer's tensors with the scales folded in; moves the calibration on by one layer."""
         raw = raw.float()
         layer = self.model.build_layer(raw, _ObservedLinear)
+        sliding = self.window if self.model.shape.layer_windows[self.layer_index] is not None else None
         self.hidden = self.model.layer_forward(
-            layer, 0, self.hidden, self.cos, self.sin, self.batch, self.cache
+            layer, 0, self.hidden, self.cos, self.sin, self.batch, self.cache, sliding
         )
+        self.layer_index += 1
         qkv_in, o_in, gate_up_in, down_in = (
             lin.input_absmax()  # type: ignore[attr-defined]
             for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)

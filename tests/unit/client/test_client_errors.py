@@ -17,7 +17,9 @@ import pytest
 from tests.servers import ThreadServer, free_port, serve_config, thread_server
 from twinserve.client import AsyncStreamResponse, HttpTransport, LLMClient, Response, StreamResponse
 from twinserve.errors import (
+    NotFoundError,
     OverloadedError,
+    PayloadTooLargeError,
     RequestTimeoutError,
     TwinserveError,
     UnauthorizedError,
@@ -154,6 +156,37 @@ def test_api_key(model_dir: Path) -> None:
                 assert list(authorized.generate_stream("hello", max_new_tokens=1))[-1].finished
                 assert secret not in repr(authorized)
                 assert secret not in repr(authorized._transport)
+
+
+# ---------------------------------------------------------- 404 / 413
+@pytest.mark.parametrize("api", ["tgi", "openai"])
+def test_an_unknown_route_is_not_found_and_not_retried(server: ThreadServer, api: str) -> None:
+    """A base URL with a wrong path (a typo, a missing proxy prefix) reaches routes the server
+    does not have: NotFoundError at once, for unary calls and streams alike."""
+    client, counted = counting_client(f"{server.url}/no-such-prefix", api, max_retries=3, **FAST)
+    with client:
+        with pytest.raises(NotFoundError) as info:
+            client.generate("hello", max_new_tokens=2)
+        assert info.value.status_code == 404 and "/no-such-prefix" in info.value.message
+        with pytest.raises(NotFoundError):
+            list(client.generate_stream("hello", max_new_tokens=2))
+    assert counted.statuses == [404, 404]
+
+
+@pytest.mark.parametrize("api", ["tgi", "openai"])
+def test_a_body_over_the_payload_limit_is_payload_too_large_and_not_retried(
+    server: ThreadServer, api: str
+) -> None:
+    """Re-sending the same too-big body cannot succeed: PayloadTooLargeError after one attempt."""
+    prompt = "x" * (server.config.payload_limit + 1)
+    client, counted = counting_client(server.url, api, max_retries=3, **FAST)
+    with client:
+        with pytest.raises(PayloadTooLargeError) as info:
+            client.generate(prompt, max_new_tokens=2)
+        assert info.value.status_code == 413 and "payload limit" in info.value.message
+        with pytest.raises(PayloadTooLargeError):
+            list(client.chat_stream([{"role": "user", "content": prompt}], max_new_tokens=2))
+    assert counted.statuses == [413, 413]
 
 
 # ---------------------------------------------------------------- 429

@@ -1,19 +1,16 @@
-"""The client's wire handling on hand-written payloads: what no live server produces on demand.
+"""The client's parsing of wire bytes: SSE payloads and error bodies, hand-written with the
+server's own protocol schemas, fed straight to the parsers and error mappers (no transport).
 
-Errors in the middle of a stream (a dead engine, a failed forward) can't be caused at
-will on a healthy server, so `ScriptedTransport` replays the exact SSE payloads the
-routes send (`server/routes/*.py`, built here with the same protocol schemas).
+How the client behaves when a real server fails mid-stream (which errors it raises, what it
+retries) is tested against one in test_client_midstream.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from twinserve.client import LLMClient, Response, StreamResponse
 from twinserve.client._errors import error_from_event, error_from_response
 from twinserve.client._retry import RetryPolicy, retry_after
 from twinserve.client._stream import OpenAIStreamParser, TgiStreamParser
@@ -184,54 +181,3 @@ def test_retry_policy() -> None:
     assert retry_after({}) is None
     with pytest.raises(ValueError):
         RetryPolicy(max_retries=-1)
-
-
-# ------------------------------------------------------------------ no retry after a chunk
-class ScriptedTransport:
-    """Answers each stream call with the next scripted list of SSE payloads (status 200)."""
-
-    def __init__(self, *scripts: list[str]) -> None:
-        self.scripts = list(scripts)
-        self.calls = 0
-
-    def send(self, path: str, payload: Mapping[str, Any]) -> Response:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[StreamResponse]:
-        self.calls += 1
-        yield StreamResponse(200, {"x-request-id": f"r{self.calls}"}, events=iter(self.scripts.pop(0)))
-
-    async def asend(self, path: str, payload: Mapping[str, Any]) -> Response:
-        raise NotImplementedError
-
-    def astream(self, path: str, payload: Mapping[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-
-def _client(transport: ScriptedTransport) -> LLMClient:
-    return LLMClient(transport=transport, max_retries=3, backoff_base=0.0, backoff_cap=0.0)
-
-
-def test_error_event_after_a_chunk_is_raised_not_retried() -> None:
-    transport = ScriptedTransport(
-        [tgi_event(1, "a"), tgi_error("full", "overloaded")], [tgi_event(1, "z", final="z")]
-    )
-    stream = _client(transport).generate_stream("p")
-    assert next(stream).text == "a"
-    with pytest.raises(OverloadedError, match="full"):
-        next(stream)
-    assert transport.calls == 1
-
-
-def test_retryable_error_event_before_any_chunk_is_retried() -> None:
-    transport = ScriptedTransport([tgi_error("full", "overloaded")], [tgi_event(1, "z", final="z")])
-    chunks = list(_client(transport).generate_stream("p"))
-    assert [c.text for c in chunks] == ["z"] and chunks[0].request_id == "r2"
-    assert transport.calls == 2

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.factories import engine_config
-from twinserve.engine.async_engine import AsyncEngine
+from twinserve.engine.async_engine import ENGINE_DEAD, AsyncEngine
+from twinserve.engine.engine import GENERATION_FAILED
 from twinserve.engine.factory import build_engine
 from twinserve.engine.request import GenerateRequest, SamplingParams
-from twinserve.errors import EngineDeadError, OverloadedError, ValidationError
+from twinserve.errors import EngineDeadError, ModelError, OverloadedError, ValidationError
 
 
 @pytest.fixture()
@@ -81,15 +83,18 @@ def test_engine_death_fails_requests_and_reports_unhealthy(async_engine: AsyncEn
     async_engine.engine.runner.execute = broken  # type: ignore[method-assign]
 
     async def main() -> None:
-        for _ in range(3):  # three failed forwards in a row: the engine gives up
-            with pytest.raises((Exception,)):
-                await asyncio.wait_for(_collect(async_engine, req(4)), timeout=10)
-        for _ in range(100):
+        # the request's own forward fails: it gets the generic error, never the device's message
+        with pytest.raises(ModelError, match=f"^{re.escape(GENERATION_FAILED)}$"):
+            await asyncio.wait_for(_collect(async_engine, req(4)), timeout=10)
+        # then the engine's probe requests fail too: three failed forwards in a row, it gives up
+        for _ in range(500):
             if not async_engine.is_healthy:
                 break
             await asyncio.sleep(0.02)
         assert not async_engine.is_healthy
-        with pytest.raises(EngineDeadError):
+        assert async_engine.dead_reason is not None
+        assert async_engine.dead_reason.startswith("EngineDeadError: 3 forward passes failed in a row")
+        with pytest.raises(EngineDeadError, match=f"^{re.escape(ENGINE_DEAD)}$"):
             await _collect(async_engine, req(2))
 
     asyncio.run(main())

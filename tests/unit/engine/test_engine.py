@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from tests.engine_driver import greedy, hf_greedy, run, token_ids
 from tests.factories import engine_config
 from twinserve.engine.engine import Engine
 from twinserve.engine.factory import build_engine
@@ -23,42 +24,13 @@ PROMPTS = [
 ]
 
 
-def run(engine: Engine, requests: list[GenerateRequest], join_every: int = 0) -> dict[str, list[TokenEvent]]:
-    """Feed requests (all at once, or one more every `join_every` steps) and collect events."""
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    pending = list(requests)
-    step = 0
-    while pending or engine.has_work():
-        if pending and (join_every == 0 or step % join_every == 0):
-            batch = pending if join_every == 0 else pending[:1]
-            for r in batch:
-                engine.add_request(r)
-            pending = pending[len(batch) :]
-        for e in engine.step():
-            events.setdefault(e.request_id, []).append(e)
-        step += 1
-    return events
-
-
-def hf_greedy(model_dir: Path, prompt: str, max_new: int) -> list[int]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new)
-    return out[0, ids.shape[1] :].tolist()
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Engine:
     return build_engine(engine_config(tiny_model_dir))
 
 
-def token_ids(events: list[TokenEvent]) -> list[int]:
-    return [e.token.id for e in events if e.token is not None]
-
-
-def greedy(prompt: str, rid: str, max_new: int = 24) -> GenerateRequest:
-    return GenerateRequest(prompt=prompt, params=SamplingParams(max_new_tokens=max_new), request_id=rid)
+def logprobs(events: list[TokenEvent]) -> list[float | None]:
+    return [e.token.logprob for e in events if e.token is not None]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_tied_model_dir"])
@@ -191,21 +163,52 @@ def test_default_max_new_tokens_fills_to_max_total(engine: Engine) -> None:
     run(engine, [])
 
 
-def test_cache_grows_and_compacts_under_churn_without_changing_results(engine: Engine) -> None:
-    """More requests than the first cache allocation holds, joining and leaving at different times."""
+def test_cache_grows_and_compacts_under_churn_without_changing_results(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More requests than the first cache allocation holds, joining and leaving at different times.
+
+    The real SlotKVCache is watched: it must be reallocated larger while rows are live (growth
+    that keeps their positions) and rows must be moved down into freed slots (compaction).
+    """
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(20)]
     lengths = [3 + (7 * i) % 20 for i in range(20)]
     solo = {
-        i: token_ids(run(engine, [greedy(p, "x", n)])["x"])
+        i: run(engine, [greedy(p, "x", n)])["x"]
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=False))
     }
+    cache = engine.runner.cache
+    assert cache.slots == 0  # released while idle: the churn starts from an empty cache
+    grown: list[tuple[int, int, int]] = []  # (slots before, slots after, live slots kept)
+    moves: list[tuple[int, int, int]] = []
+    real_fit, real_move = cache.fit, cache.move_slot
+
+    def fit(slots: int, capacity: int, live_slots: int, max_tokens: int) -> None:
+        before = cache.slots
+        real_fit(slots, capacity, live_slots, max_tokens)
+        if before and cache.slots > before:
+            grown.append((before, cache.slots, live_slots))
+
+    def move_slot(src: int, dst: int, length: int) -> None:
+        moves.append((src, dst, length))
+        real_move(src, dst, length)
+
+    monkeypatch.setattr(cache, "fit", fit)
+    monkeypatch.setattr(cache, "move_slot", move_slot)
     churn = run(
         engine,
         [greedy(p, f"c{i}", n) for i, (p, n) in enumerate(zip(prompts, lengths, strict=False))],
         join_every=1,
     )
     for i in range(20):
-        assert token_ids(churn[f"c{i}"]) == solo[i]
+        assert token_ids(churn[f"c{i}"]) == token_ids(solo[i]), i
+        # logprobs too: a KV position lost in a move or a regrowth shifts them, greedy ids rarely
+        assert logprobs(churn[f"c{i}"]) == pytest.approx(logprobs(solo[i]), abs=1e-4), i
+    # grew past its first allocation with requests running in it (their KV copied over)
+    assert grown and all(live > 0 for _, _, live in grown), grown
+    # compacted: rows moved from higher slots into freed lower ones, cached positions and all
+    assert moves and all(src > dst and length > 0 for src, dst, length in moves), moves
+    assert cache.slots == 0  # and released once idle again
 
 
 def test_prompt_logprobs_in_chunks_equal_a_whole_log_softmax() -> None:

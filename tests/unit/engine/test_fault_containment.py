@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_driver import run, token_ids
 from tests.factories import engine_config
 from tests.faults import POISON, FaultyRunner
-from tests.unit.engine.test_engine import run, token_ids
 from twinserve.engine.engine import GENERATION_FAILED, MAX_CONSECUTIVE_FAILURES, Engine
 from twinserve.engine.factory import build_engine
 from twinserve.engine.request import GenerateRequest, SamplingParams

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import redis_available, redis_server
+from tests.redis_server import redis_server
 from twinserve.jobs.queue import JobQueue, open_queue
 
 # A lease this short runs out while the test waits for it (Redis follows its own clock).
@@ -38,9 +38,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
-    with redis_server() as url:
+    with redis_server() as url:  # skips where redis-server is missing, fails under CI=true
         yield url
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +166,30 @@ def test_yaml_round_trips_through_endpoint_config(tmp_path: Path) -> None:
     assert any("placeholder" in n for n in plan.notes)
 
 
-def test_plan_is_fast() -> None:
-    start = time.perf_counter()
-    for _ in range(5):
-        _plan(**BOOK, requests_per_s=2.0)
-    assert (time.perf_counter() - start) / 5 < 0.2
+# audit events that mean I/O or another process (https://docs.python.org/3/library/audit_events.html)
+_IO_EVENTS = ("open", "os.", "socket.", "subprocess.", "shutil.", "glob.", "urllib.", "http.", "sqlite3.")
+_io_seen: list[str] | None = None  # events recorded while a plan is made; None: not recording
+
+
+def _record_io(event: str, args: tuple[Any, ...]) -> None:
+    if _io_seen is not None and event.startswith(_IO_EVENTS):
+        _io_seen.append(f"{event}{args!r:.200}")
+
+
+def test_make_plan_is_pure() -> None:
+    """make_plan promises no I/O and no clock (its module docstring): making a plan opens no file,
+    socket or process, and the same request is the same plan, byte for byte in YAML."""
+    global _io_seen
+    sys.addaudithook(_record_io)  # hooks cannot be removed; this one records only inside the block
+    _io_seen = []
+    try:
+        plans = [_plan(**BOOK, requests_per_s=2.0) for _ in range(2)]
+        texts = [plan_yaml(p) for p in plans]
+        seen = _io_seen
+    finally:
+        _io_seen = None
+    assert seen == []
+    assert plans[0] == plans[1] and texts[0] == texts[1]
 
 
 @pytest.mark.parametrize(

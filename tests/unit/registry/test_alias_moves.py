@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy
 
 from tests.factories import tiny_llama_dir
-from tests.postgres import postgres_available, postgres_server
+from tests.postgres import postgres_server
 from twinserve.errors import TwinserveError, ValidationError
 from twinserve.registry.store import ModelRegistry
 
@@ -61,9 +61,7 @@ class Model:
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("PostgreSQL binaries not installed (.ci/run installs them)")
-    with postgres_server() as url:
+    with postgres_server() as url:  # skips where PostgreSQL is missing, fails under CI=true
         yield url
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,21 +95,31 @@ def test_wrong_wheel_is_rejected(
 
 
 def test_file_lock_waits_for_holder(tmp_path: Path) -> None:
+    """A second builder finds the lock held, says so once, and gets in only after the holder left."""
     lock = tmp_path / "x.lock"
-    held, release, waited = threading.Event(), threading.Event(), []
+    held, waiting, got_in = threading.Event(), threading.Event(), threading.Event()
+    order: list[str] = []
+    early: list[bool] = []
 
     def holder() -> None:
         with file_lock(lock):
             held.set()
-            release.wait(5)
+            assert waiting.wait(10), "the second builder never reported waiting"
+            # a lock that did not block would let the waiter in now; a real one keeps it out
+            early.append(got_in.wait(0.2))
+            order.append("holder leaves")
+
+    def on_wait() -> None:
+        order.append("waiter waits")
+        waiting.set()
 
     thread = threading.Thread(target=holder)
     thread.start()
-    held.wait(5)
-    threading.Timer(0.2, release.set).start()
-    start = time.monotonic()
-    with file_lock(lock, on_wait=lambda: waited.append(True)):
-        elapsed = time.monotonic() - start
-    thread.join()
-    assert waited == [True]
-    assert elapsed >= 0.15
+    assert held.wait(10)
+    with file_lock(lock, on_wait=on_wait):
+        got_in.set()
+        order.append("waiter enters")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert early == [False]
+    assert order == ["waiter waits", "holder leaves", "waiter enters"]

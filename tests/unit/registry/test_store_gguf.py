@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from tests.factories import tiny_tokenizer
+from tests.gguf_reference import assert_same_tensors, reference_state_dict
 from twinserve.errors import ModelLoadError, NotFoundError
 from twinserve.registry.store import ModelRegistry
 
@@ -80,6 +82,11 @@ def test_import_gguf_converts_and_registers(tmp_path: Path, monkeypatch: pytest.
     assert config["num_hidden_layers"] == LAYERS and "quantization_config" not in config
     assert (resolved.path / "tokenizer.json").is_file()
     assert not list((tmp_path / "home" / "registry" / "tmp").glob("gguf-*"))  # conversion folder removed
+    # the registered weights are the GGUF's, tensor by tensor, as transformers reads them
+    written = load_file(resolved.path / "model.safetensors")
+    reference = reference_state_dict(gguf_path)
+    assert len(written) == len(reference) == 3 + 9 * LAYERS  # untied: lm_head saved on its own
+    assert_same_tensors(written, reference)
 
 
 def test_bad_gguf_files(tmp_path: Path) -> None:

@@ -25,14 +25,18 @@ def test_a_2mb_prompt_does_not_stall_other_streams_or_health(tiny_model_dir: Pat
     arrivals: list[float] = []
     streaming = threading.Event()
     with process_server(["--model", str(tiny_model_dir), *ARGS], tmp_path / "serve.log") as server:
+        thread_errors: list[str] = []  # an exception in a thread would otherwise go unseen
 
         def stream() -> None:
             body = {"inputs": "hello", "parameters": {"max_new_tokens": 3900, "ignore_eos": True}}
-            with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:") and json.loads(line[5:]).get("token"):
-                        arrivals.append(time.monotonic())
-                        streaming.set()
+            try:
+                with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data:") and json.loads(line[5:]).get("token"):
+                            arrivals.append(time.monotonic())
+                            streaming.set()
+            except Exception as exc:
+                thread_errors.append(f"stream: {type(exc).__name__}: {exc}")
 
         streamer = threading.Thread(target=stream)
         streamer.start()
@@ -41,12 +45,18 @@ def test_a_2mb_prompt_does_not_stall_other_streams_or_health(tiny_model_dir: Pat
         big_done = threading.Event()
 
         def probe() -> None:
-            with httpx.Client(timeout=30) as client:
-                while not big_done.is_set():
-                    started = time.monotonic()
-                    assert client.get(f"{server.url}/health").status_code == 200
-                    health_latencies.append(time.monotonic() - started)
-                    time.sleep(0.02)
+            try:
+                with httpx.Client(timeout=30) as client:
+                    while not big_done.is_set():
+                        started = time.monotonic()
+                        status = client.get(f"{server.url}/health").status_code
+                        if status != 200:
+                            thread_errors.append(f"/health answered {status}")
+                            return
+                        health_latencies.append(time.monotonic() - started)
+                        time.sleep(0.02)
+            except Exception as exc:
+                thread_errors.append(f"probe: {type(exc).__name__}: {exc}")
 
         prober = threading.Thread(target=probe)
         prober.start()
@@ -56,6 +66,8 @@ def test_a_2mb_prompt_does_not_stall_other_streams_or_health(tiny_model_dir: Pat
         big_done.set()
         prober.join(30)
         streamer.join(120)
+        assert not prober.is_alive() and not streamer.is_alive()
+        assert thread_errors == []
 
     validation_s = finished - started
     assert big.status_code == 422 and "`inputs` must have less than" in big.json()["error"]

@@ -7,7 +7,10 @@ import asyncio
 import httpx
 import pytest
 
-from tests.unit.server.conftest import asgi_client
+from tests.faults import POISON, FaultyRunner, is_poisoned
+from tests.unit.server.conftest import asgi_client, assert_protocol_error, sse_payloads
+from twinserve.engine.runner import RunnerOutput
+from twinserve.engine.state import RequestState
 
 pytestmark = pytest.mark.anyio
 
@@ -72,6 +75,34 @@ async def test_api_key_guards_generation_routes_only(make_app) -> None:
         for path in ("/health", "/ping", "/info", "/metrics"):
             assert (await http.get(path)).status_code == 200, path
         assert "s3cret" not in (await http.get("/info")).text
+
+
+async def test_the_key_is_also_accepted_in_x_api_key(make_app) -> None:
+    """`x-api-key: KEY` is the documented alternative to `Authorization: Bearer KEY`, on every
+    guarded route (docs included); a wrong one is a 401 in the route's protocol."""
+    app, _ = make_app(api_key="s3cret-key")
+    tgi_body = {"inputs": "hi", "parameters": {"max_new_tokens": 1}}
+    calls = [
+        ("POST", "/generate", tgi_body, "tgi"),
+        ("POST", "/generate_stream", tgi_body, "tgi"),
+        ("POST", "/invocations", tgi_body, "tgi"),
+        ("POST", "/tokenize", {"inputs": "hi"}, "tgi"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, "openai"),
+        ("GET", "/v1/models", None, "openai"),
+        ("GET", "/openapi.json", None, None),
+    ]  # fmt: skip
+    async with asgi_client(app) as http:
+        for method, path, payload, wire in calls:
+            ok = await http.request(method, path, json=payload, headers={"x-api-key": "s3cret-key"})
+            assert ok.status_code == 200, (path, ok.text)
+            for wrong in ({"x-api-key": "wrong"}, {"x-api-key": ""}, {"x-api-key": "s3cret-key-but-longer"}):
+                r = await http.request(method, path, json=payload, headers=wrong)
+                assert r.status_code == 401, (path, wrong)
+                if wire is not None:  # TGI's or OpenAI's 401 body
+                    error = assert_protocol_error(r, wire)
+                    expected = "unauthorized" if wire == "tgi" else "authentication_error"
+                    assert error.get("error_type", error.get("type")) == expected
+                assert "s3cret" not in r.text
 
 
 async def test_a_configured_key_with_spaces_matches_the_stripped_caller_key(make_app) -> None:
@@ -158,3 +189,57 @@ async def test_payload_limit_without_content_length(make_app) -> None:
     async with asgi_client(app) as http:
         r = await http.post("/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+
+
+class _FailsMidAnswer(FaultyRunner):
+    """The real runner, failing every pass that holds a poisoned row once that row has streamed
+    some text: a fault in the middle of an answer, after the 200 and the first tokens are out."""
+
+    def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput:
+        if any(is_poisoned(r) and "".join(r.text_parts) for r in rows):
+            return super().execute(rows, prefill=prefill)
+        return self.inner.execute(rows, prefill=prefill)
+
+
+_MID = {"max_new_tokens": 24, "ignore_eos": True}
+STREAM_ROUTES = [
+    ("/generate_stream", {"inputs": f"{POISON} hi", "parameters": _MID}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": f"{POISON} hi"}], "max_tokens": 24, "ignore_eos": True,
+         "stream": True},
+    ),
+    ("/v1/completions", {"prompt": f"{POISON} hi", "max_tokens": 24, "ignore_eos": True, "stream": True}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body"), STREAM_ROUTES)
+async def test_an_engine_fault_mid_stream_ends_the_stream_with_an_error_event(
+    client: httpx.AsyncClient, app_and_service, path: str, body: dict
+) -> None:
+    """Once the 200 and some text are out, a failing forward pass cannot become a 424: the
+    client gets the error as the stream's last event (in the route's shape), not a cut connection."""
+    service = app_and_service[1]
+    faulty = _FailsMidAnswer(service.engine.engine.runner)
+    service.engine.engine.runner = faulty
+    r = await client.post(path, json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_payloads(r.text)
+    assert faulty.failed_passes >= 1
+    if path == "/generate_stream":
+        tokens, error = events[:-1], events[-1]
+        assert tokens and "".join(e["token"]["text"] for e in tokens)  # text reached the client first
+        assert all(e["generated_text"] is None for e in tokens) and len(tokens) < _MID["max_new_tokens"]
+        assert error == {"error": "Request failed during generation", "error_type": "generation"}
+    else:
+        assert events[-1] == "[DONE]"
+        choices = [c["choices"][0] for c in events[:-2]]
+        assert "".join(c.get("delta", {}).get("content") or c.get("text") or "" for c in choices)
+        assert all(c["finish_reason"] is None for c in choices)
+        error = events[-2]["error"]
+        assert error["message"] == "Request failed during generation" and error["type"] == "server_error"
+    assert "injected" not in r.text  # the cause stays in the server log
+    assert 'tgi_request_failure{err="generation"} 1.0' in (await client.get("/metrics")).text
+    # the rest of the server is unharmed: a clean stream on the same engine runs to its end
+    clean = await client.post("/generate_stream", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}})
+    assert sse_payloads(clean.text)[-1]["generated_text"] is not None

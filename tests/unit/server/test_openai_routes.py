@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.unit.server.conftest import sse_payloads
+from tests.unit.server.conftest import assert_protocol_error, sse_payloads
 
 pytestmark = pytest.mark.anyio
 
@@ -128,3 +128,46 @@ async def test_unknown_fields_are_tolerated(client: httpx.AsyncClient) -> None:
         "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "some_future_field": {"x": 1}}
     )
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hello"}),
+        ("/v1/completions", {"prompt": "hello", "stream": True}),
+        ("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
+    ],
+)
+async def test_logit_bias_is_refused_on_every_route_that_takes_it(
+    shared_client: httpx.AsyncClient, path: str, body: dict
+) -> None:
+    """A bias would change the answer and is not implemented: a 400 naming it, before any stream;
+    an empty or null one (what SDKs may send) changes nothing and is accepted."""
+    r = await shared_client.post(path, json={**body, "logit_bias": {"42": 5}})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    error = assert_protocol_error(r, "openai")
+    assert error["type"] == "invalid_request_error" and error["param"] == "logit_bias"
+    for neutral in ({}, None):
+        r = await shared_client.post(path, json={**body, "logit_bias": neutral, "max_tokens": 2})
+        assert r.status_code == 200, (neutral, r.text)
+
+
+async def test_max_completion_tokens_caps_the_answer_and_wins_over_max_tokens(
+    shared_client: httpx.AsyncClient,
+) -> None:
+    """OpenAI's newer name for max_tokens (what current SDKs send), bounded like it."""
+    body = {"messages": MESSAGES, "ignore_eos": True}
+    for fields, expected in (
+        ({"max_completion_tokens": 3}, 3),
+        ({"max_completion_tokens": 3, "max_tokens": 9}, 3),
+    ):
+        r = await shared_client.post("/v1/chat/completions", json={**body, **fields})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == expected
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    for bad in (0, -1, "many"):
+        r = await shared_client.post("/v1/chat/completions", json={**body, "max_completion_tokens": bad})
+        assert r.status_code == 400, (bad, r.text)
+        assert assert_protocol_error(r, "openai")["param"] == "max_completion_tokens"
+    r = await shared_client.post("/v1/chat/completions", json={**body, "max_completion_tokens": 10_000})
+    assert r.status_code == 400 and assert_protocol_error(r, "openai")["code"] == "context_length_exceeded"

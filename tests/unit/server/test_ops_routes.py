@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,31 @@ async def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
         assert r.json()["reason"] == "the model failed to load (the server log says why)"
         r = await http.post("/generate", json={"inputs": "hi"})
         assert r.status_code == 503
+
+
+@pytest.mark.parametrize("env", ["SM_NUM_GPUS", "NUM_SHARD"])
+async def test_more_than_one_gpu_is_refused_with_a_clear_reason(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, env: str
+) -> None:
+    """Tensor parallelism is not implemented: a SageMaker config asking for 2 GPUs must fail to
+    load (and `serve` exit 1) saying why, not silently serve from one device."""
+    monkeypatch.setenv(env, "2")
+    config = serve_config(tiny_model_dir)
+    assert config.num_shard == 2
+    service = ModelService(config)
+    fatal: list[bool] = []
+    service.on_fatal = lambda: fatal.append(True)  # what makes `twinserve serve` exit 1
+    with caplog.at_level(logging.ERROR, logger="twinserve"):
+        service.start_loading()
+        assert not await asyncio.to_thread(service.wait_loaded, 60)
+    assert service.engine is None and fatal == [True]  # refused before loading anything
+    reasons = [
+        str(getattr(r, "reason", "")) for r in caplog.records if r.getMessage() == "model failed to load"
+    ]
+    assert reasons and "tensor parallelism is not supported" in reasons[0] and "num_shard=2" in reasons[0]
+    async with asgi_client(create_app(config, service)) as http:
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
 
 
 async def test_draining_stops_admission(client: httpx.AsyncClient, app_and_service) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.unit.server.conftest import sse_payloads
+from tests.unit.server.conftest import assert_protocol_error, sse_payloads
 
 pytestmark = pytest.mark.anyio
 
@@ -166,3 +166,62 @@ async def test_tgi_clients_skipping_special_tokens_rebuild_the_text(
     )
     rebuilt = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
     assert rebuilt == events[-1]["generated_text"]
+
+
+TGI_GENERATION_ROUTES = ["/generate", "/generate_stream", "/", "/invocations"]
+
+
+@pytest.mark.parametrize("path", TGI_GENERATION_ROUTES)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("grammar", {"type": "json", "value": {"type": "object"}}),
+        ("watermark", True),
+        ("adapter_id", "my-lora"),
+    ],
+)
+async def test_unimplemented_tgi_features_are_a_422_naming_the_field(
+    shared_client: httpx.AsyncClient, path: str, name: str, value: object
+) -> None:
+    """A grammar, a watermark or a LoRA adapter would change the answer: refused, never ignored."""
+    parameters = {"max_new_tokens": 2, name: value}
+    r = await shared_client.post(path, json={"inputs": PROMPT, "parameters": parameters})
+    assert r.status_code == 422, r.text
+    body = assert_protocol_error(r, "tgi")
+    assert body["error_type"] == "validation" and name in body["error"]
+
+
+@pytest.mark.parametrize("path", TGI_GENERATION_ROUTES)
+async def test_the_neutral_values_of_those_features_are_accepted(
+    shared_client: httpx.AsyncClient, path: str
+) -> None:
+    """What TGI's clients send by default (null grammar, no watermark, empty adapter) still generates."""
+    for neutral in ({"grammar": None, "watermark": False, "adapter_id": ""}, {"adapter_id": None}):
+        parameters = {"max_new_tokens": 2, **neutral}
+        r = await shared_client.post(path, json={"inputs": PROMPT, "parameters": parameters})
+        assert r.status_code == 200, (neutral, r.text)
+
+
+async def test_timing_headers_are_whole_non_negative_numbers_on_unary_answers_only(
+    shared_client: httpx.AsyncClient,
+) -> None:
+    """TGI's x-* headers (ms, except x-compute-time in s) on every non-streamed answer; a stream's
+    headers leave before any token exists, so it carries none of them."""
+    ms = ["x-total-time", "x-validation-time", "x-queue-time", "x-inference-time", "x-time-per-token"]
+    generation = {"max_new_tokens": 3, "ignore_eos": True}
+    for path, body in [
+        ("/generate", {"inputs": PROMPT, "parameters": generation}),
+        ("/", {"inputs": PROMPT, "parameters": generation}),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "ignore_eos": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True}),
+    ]:  # fmt: skip
+        r = await shared_client.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        for name in [*ms, "x-prompt-tokens", "x-generated-tokens"]:
+            assert r.headers[name].isdigit(), (path, name, r.headers.get(name))  # int ≥ 0, no sign
+        assert float(r.headers["x-compute-time"]) >= 0, path  # seconds, as TGI
+        assert r.headers["x-compute-type"] in ("cpu", "cuda"), path
+        assert int(r.headers["x-generated-tokens"]) == 3 and int(r.headers["x-prompt-tokens"]) > 0, path
+    streamed = await shared_client.post("/generate_stream", json={"inputs": PROMPT, "parameters": generation})
+    assert streamed.status_code == 200 and streamed.headers["x-compute-type"]
+    assert not {*ms, "x-compute-time", "x-generated-tokens"} & set(streamed.headers)

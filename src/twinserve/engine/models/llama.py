@@ -21,44 +21,9 @@ import torch.nn.functional as F
 
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.layers import Linear, make_linear
+from twinserve.engine.memory import trim_heap
+from twinserve.engine.models.architecture import ModelShape, rope_parameters
 from twinserve.errors import ModelLoadError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a Llama-family config that the forward pass needs."""
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model_type {config.model_type!r} is not supported by the twinserve engine "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            max_position_embeddings=getattr(config, "max_position_embeddings", 4096),
-        )
 
 
 @dataclass(frozen=True)
@@ -164,15 +129,23 @@ class LlamaModel:
         self.device = device
         self.attention = attention
 
-        def take(name: str) -> torch.Tensor:
-            try:
-                return weights.pop(name).to(device)
-            except KeyError as exc:
-                raise ModelLoadError(f"weight {name!r} missing from the checkpoint") from exc
+        expected = _expected_shapes(s)
 
         def maybe(name: str) -> torch.Tensor | None:
             t = weights.pop(name, None)
-            return None if t is None else t.to(device)
+            if t is None:
+                return None
+            if name in expected and tuple(t.shape) != expected[name]:
+                raise ModelLoadError(
+                    f"weight {name!r} has shape {tuple(t.shape)}, the config implies {expected[name]}"
+                )
+            return t.to(device)
+
+        def take(name: str) -> torch.Tensor:
+            t = maybe(name)
+            if t is None:
+                raise ModelLoadError(f"weight {name!r} missing from the checkpoint")
+            return t
 
         def linear(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
             return make_linear(w, b, quantize=quantize, dtype=dtype)
@@ -194,10 +167,14 @@ class LlamaModel:
             if smoother is not None:
                 raw = smoother.smooth(raw)
             self.layers.append(self.build_layer(raw, linear))
+            del raw
+            trim_heap()  # the layer's unfused and unpacked tensors are free now
         norm = take("model.norm.weight")
         lm_head = maybe("lm_head.weight")
-        if lm_head is None or s.tie_word_embeddings:
+        if s.tie_word_embeddings:
             lm_head = self.embed
+        elif lm_head is None:
+            raise ModelLoadError("weight 'lm_head.weight' missing and tie_word_embeddings is false")
         if smoother is not None:
             norm, lm_head = smoother.smooth_head(norm, lm_head)
         self.norm = norm.to(self.act_dtype)
@@ -253,8 +230,10 @@ class LlamaModel:
         ids = batch.input_ids
         h = F.embedding(ids.reshape(-1), self.embed)
         cos, sin = self.rope(batch)
+        window = self.window_mask(batch)
         for index, layer in enumerate(self.layers):
-            h = self.layer_forward(layer, index, h, cos, sin, batch, cache)
+            sliding = window if self.shape.layer_windows[index] is not None else None
+            h = self.layer_forward(layer, index, h, cos, sin, batch, cache, sliding)
         if logits_index is None and batch.is_prefill:
             assert batch.lengths is not None
             width = ids.shape[1]
@@ -263,6 +242,23 @@ class LlamaModel:
             h = h[logits_index]
         h = rms_norm(h, self.norm, self.shape.rms_norm_eps)
         return self.lm_head(h).float()
+
+    def window_mask(self, batch: ForwardBatch) -> SlidingWindow | None:
+        """The keys the queries of a sliding-window layer may attend to; None where nothing is cut.
+
+        As transformers applies `sliding_window` w: the query at position p sees keys at
+        p - w < j <= p, so the window cuts only once a position reaches w. Keys left of every
+        query's window are not read at all (a single decode row reads exactly w keys, like
+        transformers' sliding cache); a mask covers the rest where rows see different keys.
+        """
+        w = self.shape.sliding_window
+        if w is None or batch.attn_len <= w:
+            return None
+        first_query = batch.prefix_len if batch.is_prefill else int(batch.positions.min())
+        start = max(0, first_query - w + 1)
+        mask = _key_mask(batch, w)[..., start:]
+        # one decode row, or rows at one position: every kept key is visible
+        return SlidingWindow(start, None if not batch.is_prefill and bool(mask.all()) else mask)
 
     def rope(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin of every token of the batch, shaped to broadcast over heads."""
@@ -279,9 +275,14 @@ class LlamaModel:
         sin: torch.Tensor,
         batch: ForwardBatch,
         cache: SlotKVCache,
+        window_mask: SlidingWindow | None = None,
     ) -> torch.Tensor:
-        """One decoder layer over the flattened tokens `h`; writes its K/V to `cache` layer `index`."""
+        """One decoder layer over the flattened tokens `h`; writes its K/V to `cache` layer `index`.
+
+        `window_mask`: `window_mask(batch)` when this layer has a sliding window that cuts, else None.
+        """
         s = self.shape
+        window = window_mask
         n_q, n_kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
         x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
         qkv = layer.qkv(x)
@@ -290,9 +291,9 @@ class LlamaModel:
         q, k = qk[:, :n_q], qk[:, n_q:]
         v = qkv[:, (n_q + n_kv) * hd :].view(-1, n_kv, hd)
         if batch.is_prefill:
-            attn = self._prefill_attention(batch, cache, index, q, k, v)
+            attn = self._prefill_attention(batch, cache, index, q, k, v, window)
         else:
-            attn = self._decode_attention(batch, cache, index, q, k, v)
+            attn = self._decode_attention(batch, cache, index, q, k, v, window)
         h = h + layer.o_proj(attn)
         x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
@@ -306,23 +307,25 @@ class LlamaModel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        window: SlidingWindow | None,
     ) -> torch.Tensor:
         s = self.shape
         k_cache, v_cache = cache.layer(layer)
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
         bsz = q.shape[0]
+        start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
         if batch.slots_contiguous:  # a view: no gather of the cache
-            keys = k_cache[:bsz, :, : batch.attn_len]
-            values = v_cache[:bsz, :, : batch.attn_len]
+            keys = k_cache[:bsz, :, start : batch.attn_len]
+            values = v_cache[:bsz, :, start : batch.attn_len]
         else:
-            keys = k_cache[batch.slots, :, : batch.attn_len]
-            values = v_cache[batch.slots, :, : batch.attn_len]
+            keys = k_cache[batch.slots, :, start : batch.attn_len]
+            values = v_cache[batch.slots, :, start : batch.attn_len]
         # GQA at decode: the query heads of one KV head act as a short query sequence,
         # so no K/V repeat is needed.
         group = s.num_heads // s.num_kv_heads
         qg = q.reshape(bsz, s.num_kv_heads, group, s.head_dim)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.decode_mask)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.reshape(bsz, s.num_heads * s.head_dim)
 
     def _prefill_attention(
@@ -333,6 +336,7 @@ class LlamaModel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        window: SlidingWindow | None,
     ) -> torch.Tensor:
         s = self.shape
         n, width = batch.input_ids.shape
@@ -345,35 +349,82 @@ class LlamaModel:
         k_cache[batch.slots, :, start : start + width] = k4.transpose(1, 2)
         v_cache[batch.slots, :, start : start + width] = v4.transpose(1, 2)
         if start:
-            return self._prefix_attention(batch, k_cache, v_cache, q4)
+            return self._prefix_attention(batch, k_cache, v_cache, q4, window)
         if self._flash is not None:
-            out = self._flash(q4, k4, v4, causal=True)
+            # flash-attn's window counts the keys left of the query: w - 1 plus the query itself
+            sliding = (-1, -1) if window is None else (s.sliding_window - 1, 0)  # type: ignore[operator]
+            out = self._flash(q4, k4, v4, causal=True, window_size=sliding)
             return out.reshape(n * width, s.num_heads * s.head_dim)
         out = F.scaled_dot_product_attention(
             q4.transpose(1, 2),
             k4.transpose(1, 2),
             v4.transpose(1, 2),
-            is_causal=True,
+            attn_mask=None if window is None else window.mask,  # start is 0: the first query is at 0
+            is_causal=window is None,
             enable_gqa=s.num_heads != s.num_kv_heads,
         )
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
     def _prefix_attention(
-        self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, q4: torch.Tensor
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q4: torch.Tensor,
+        window: SlidingWindow | None,
     ) -> torch.Tensor:
         """New tokens attend to the shared prefix in the cache and causally to each other."""
         s = self.shape
         n, width = batch.input_ids.shape
         total = batch.prefix_len + width
-        keys = k_cache[batch.slots, :, :total]
-        values = v_cache[batch.slots, :, :total]
         # query i sits at position prefix_len + i and sees keys up to there
-        query_pos = torch.arange(width, device=q4.device)[:, None] + batch.prefix_len
-        mask = torch.arange(total, device=q4.device)[None, :] <= query_pos
+        start, mask = (0, _key_mask(batch, None)) if window is None else (window.start, window.mask)
+        keys = k_cache[batch.slots, :, start:total]
+        values = v_cache[batch.slots, :, start:total]
         out = F.scaled_dot_product_attention(
             q4.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
         )
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Where a sliding-window layer's keys begin, and which of them each query sees (None = all)."""
+
+    start: int
+    mask: torch.Tensor | None
+
+
+def _key_mask(batch: ForwardBatch, window: int | None) -> torch.Tensor:
+    """Causal mask over absolute positions (within `window` if given), True = attend.
+
+    Decode: [B, 1, 1, attn_len], one query per row at its own position. Prefill: [width, attn_len]
+    for the queries at positions prefix_len.. that every row shares.
+    """
+    device = batch.positions.device
+    keys = torch.arange(batch.attn_len, device=device)[None, :]
+    if batch.is_prefill:
+        width = batch.input_ids.shape[1]
+        queries = torch.arange(width, device=device)[:, None] + batch.prefix_len
+    else:
+        queries = batch.positions[:, None]
+    mask = keys <= queries
+    if window is not None:
+        mask &= keys > queries - window
+    return mask if batch.is_prefill else mask[:, None, None, :]
+
+
+def _expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the checkpoint may hold, with the shape the config implies."""
+    h = shape.hidden_size
+    expected: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (shape.vocab_size, h),
+        "lm_head.weight": (shape.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    for i in range(shape.num_layers):
+        expected.update(shape.expected_shapes(f"model.layers.{i}."))
+    return expected
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -390,11 +441,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rope_parameters(config: Any, device: torch.device) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling exactly as transformers computes them (all rope types)."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    """inv_freq and attention scaling exactly as transformers computes them (every supported rope type).
 
-    rotary = LlamaRotaryEmbedding(config)
-    return rotary.inv_freq.to(device), float(rotary.attention_scaling)
+    From transformers' rope functions, not its Llama module: importing modeling_llama costs
+    ~2 s of every replica's start, for one formula.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)  # on the CPU, as transformers does
+        return inv_freq.to(device), float(scaling)
+    # LlamaRotaryEmbedding.compute_default_rope_parameters (Mistral's and Qwen2's are the same)
+    base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv_freq.to(device), 1.0
 
 
 def _flash_attn_func() -> Any:

@@ -12,6 +12,7 @@ which `ps` shows to every user.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def serve_args(endpoint: EndpointConfig, variant: VariantConfig) -> list[str]:
     return args + variant.limits.serve_args()
 
 
+# a request the router sent just before it saw the replica drain still reaches an open port
+LOCAL_DRAIN_GRACE_S = 1.0
+
+
 def serve_env(
     endpoint: EndpointConfig, variant: VariantConfig, replica_id: str, state: Path
 ) -> dict[str, str]:
@@ -61,6 +66,10 @@ def serve_env(
     if variant.device == "cpu":
         # serve has no --device flag; hiding the GPUs makes its `auto` pick the CPU
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if "TWINSERVE_DRAIN_GRACE_S" not in os.environ:
+        # the router has stopped sending a replica new requests before it is stopped (see
+        # router/client.py), so the port need not stay open 5 s for a load balancer to notice
+        env["TWINSERVE_DRAIN_GRACE_S"] = str(LOCAL_DRAIN_GRACE_S)
     return env
 
 

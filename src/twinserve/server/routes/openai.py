@@ -140,7 +140,7 @@ async def handle_chat(body: oai.ChatCompletionRequest, request: Request) -> Resp
     completion = oai.chat_completion(
         finals, id=rid, created=created, model=model, logprobs=bool(body.logprobs), n=n
     )
-    return _json(completion, generations[0])
+    return _json(completion, generations[0], service.compute_type)
 
 
 async def _chat_chunks(
@@ -211,7 +211,7 @@ async def handle_completion(body: oai.CompletionRequest, request: Request) -> Re
     completion = oai.text_completion(
         finals, echoes, id=rid, created=created, model=model, logprobs=body.logprobs is not None, n=n
     )
-    return _json(completion, generations[0])
+    return _json(completion, generations[0], service.compute_type)
 
 
 async def _completion_chunks(
@@ -260,7 +260,6 @@ async def _completion_chunks(
         _close(generations)
 
 
-def _json(answer: oai.ChatCompletion | oai.Completion, first: Generation) -> Response:
-    return Response(
-        answer.model_dump_json().encode(), media_type="application/json", headers=first.timing_headers()
-    )
+def _json(answer: oai.ChatCompletion | oai.Completion, first: Generation, compute_type: str) -> Response:
+    headers = {**first.timing_headers(), "x-compute-type": compute_type}  # TGI's, as on /generate
+    return Response(answer.model_dump_json().encode(), media_type="application/json", headers=headers)

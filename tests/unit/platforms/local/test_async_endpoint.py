@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_server import redis_available, redis_server
+from tests.redis_server import redis_server
 from tests.servers import until
 from twinserve.deploy.spec import EndpointConfig, EndpointStatus
 from twinserve.errors import NotFoundError
@@ -146,9 +146,8 @@ def test_a_dead_job_service_is_restarted_and_loses_no_accepted_job(
     assert [_status(url, i) for i in ids] == ["succeeded"] * 3
 
 
-@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 def test_an_async_endpoint_on_a_redis_queue(manager: LocalPlatform, tiny_model_dir: Path) -> None:
-    with redis_server() as redis_url:
+    with redis_server() as redis_url:  # skips where redis-server is missing, fails under CI=true
         config = _config(tiny_model_dir, "twin-redis")
         assert config.async_inference is not None
         config.async_inference.queue_url = redis_url

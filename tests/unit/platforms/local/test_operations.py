@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -41,13 +43,21 @@ def _config(model: Path, name: str = "twin", *, replicas: int = 1, **extra: obje
 
 
 class SteadyLoad:
-    """Background clients sending requests through the router until stopped; counts every outcome."""
+    """Background clients sending requests through the router until stopped; counts every outcome.
+
+    Any exception, a non-200 or a body that is not a finished generation is a failure with its
+    description; `check` also fails when a client thread did not send requests to the end.
+    """
+
+    BODY: ClassVar[dict[str, Any]] = {"inputs": "hello there", "parameters": {"max_new_tokens": 8}}
 
     def __init__(self, url: str, clients: int = 3) -> None:
         self.url = url
         self.ok = 0
         self.failures: list[str] = []
         self.replicas: list[str] = []
+        self.served = [0] * clients  # requests each client had answered in full
+        self.finished = [False] * clients  # each client's loop ran until stop (did not die)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
@@ -61,25 +71,59 @@ class SteadyLoad:
         for t in self._threads:
             t.join(60)
 
+    def check(self, max_failures: int = 0) -> None:
+        """Every client ran to the end and had requests served; at most `max_failures` of them failed."""
+        assert not any(t.is_alive() for t in self._threads), "a client still runs after the load stopped"
+        assert self.finished == [True] * len(self._threads), f"a client died: {self.failures}"
+        assert all(n > 0 for n in self.served), (
+            f"a client had no request served: {self.served} {self.failures[:5]}"
+        )
+        assert len(self.failures) <= max_failures, self.failures
+
     def _run(self, i: int) -> None:
-        body = {"inputs": "hello there", "parameters": {"max_new_tokens": 8}}
-        with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    if i % 2:  # half stream: a stream cut short by an update would count as a failure
-                        with client.stream("POST", f"{self.url}/generate_stream", json=body) as r:
-                            text = r.read().decode()
-                            good = r.status_code == 200 and '"generated_text":"' in text.replace(" ", "")
-                    else:
-                        r = client.post(f"{self.url}/generate", json=body)
-                        good = r.status_code == 200 and "generated_text" in r.json()
-                    if good:
+        try:
+            with httpx.Client(timeout=60) as client:
+                while not self._stop.is_set():
+                    try:
+                        # half stream: a stream cut short by an update counts as a failure
+                        replica, problem = self._stream(client) if i % 2 else self._generate(client)
+                    except Exception as exc:  # whatever it is, the request was dropped
+                        replica, problem = None, f"{type(exc).__name__}: {exc}"
+                    if problem is None:
                         self.ok += 1
-                        self.replicas.append(r.headers.get("x-twinserve-replica", "?"))
+                        self.served[i] += 1
+                        self.replicas.append(replica or "?")
                     else:
-                        self.failures.append(f"{r.status_code}: {r.text[:200] if not i % 2 else text[:200]}")
-                except httpx.HTTPError as exc:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                        self.failures.append(problem)
+        except BaseException as exc:  # recorded, and `finished` stays False
+            self.failures.append(f"client {i} died: {type(exc).__name__}: {exc}")
+            return
+        self.finished[i] = True
+
+    def _generate(self, client: httpx.Client) -> tuple[str | None, str | None]:
+        r = client.post(f"{self.url}/generate", json=self.BODY)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+        if (
+            r.status_code != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("generated_text"), str)
+        ):
+            return None, f"/generate {r.status_code}: {r.text[:200]}"
+        return r.headers.get("x-twinserve-replica"), None
+
+    def _stream(self, client: httpx.Client) -> tuple[str | None, str | None]:
+        with client.stream("POST", f"{self.url}/generate_stream", json=self.BODY) as r:
+            text = r.read().decode()
+        events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+        finished = (
+            bool(events)
+            and all(isinstance(e, dict) and "error" not in e for e in events)
+            and all(e.get("generated_text") is None for e in events[:-1])
+            and isinstance(events[-1].get("generated_text"), str)
+        )
+        if r.status_code != 200 or not finished:
+            return None, f"/generate_stream {r.status_code}: {text[-200:]}"
+        return r.headers.get("x-twinserve-replica"), None
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -103,7 +147,7 @@ def test_blue_green_update_drops_no_request(
         updated = manager.update("twin", target, progress=messages.append)
         served_before_end = load.ok
         _wait(lambda: load.ok >= served_before_end + 5, 60, "traffic after the update")
-    assert load.failures == []
+    load.check()
     assert updated.status is EndpointStatus.IN_SERVICE and updated.generation == 2
     assert updated.url == endpoint.url  # one stable URL
     assert updated.config.variants[0].model == str(other_model_dir)
@@ -150,7 +194,7 @@ def test_update_to_a_broken_version_rolls_back_and_keeps_serving(
             manager.update("twin", _config(broken))
         before = load.ok
         _wait(lambda: load.ok > before + 2, 60, "traffic after the rollback")
-    assert load.failures == []
+    load.check()
     assert "rolled back" in str(info.value)
     after = manager.describe("twin")
     assert after.status is EndpointStatus.IN_SERVICE and after.generation == 1 and after.target is None
@@ -270,7 +314,7 @@ def test_autoscaling_follows_a_burst_of_streams(manager: LocalPlatform, tiny_mod
     assert endpoint.url
     with SteadyLoad(endpoint.url, clients=4) as load:
         _wait(lambda: manager.describe("twin").variants[0].current_replicas == 2, 120, "a scale-out")
-    assert load.failures == []
+    load.check()
     _wait(lambda: manager.describe("twin").variants[0].desired_replicas == 1, 120, "a scale-in")
     _wait(lambda: len(manager.describe("twin").replicas) == 1, 60, "the extra replica to stop")
     events = manager.events("twin")
@@ -321,7 +365,7 @@ def test_a_canary_that_dies_while_baking_is_rolled_back(
         _wait(lambda: load.ok > before + 2, 60, "traffic after the rollback")
     # a request the killed canary had not answered yet is retried on the old replica; only a
     # stream it had started answering can be lost (never re-run: its tokens were sent)
-    assert len(load.failures) <= 1, load.failures
+    load.check(max_failures=1)
     after = manager.describe("twin")
     assert after.generation == 1 and [r.id for r in after.replicas] == [endpoint.replicas[0].id]
 

@@ -356,3 +356,77 @@ def test_async_routes_need_a_job_service_and_the_router_lives_without_replicas()
         assert down.status_code == 503 and down.headers["retry-after"] == "1"
         too_big = httpx.post(f"{url}/async-invocations", content=b"x" * (6 * 1024 * 1024 + 1))
         assert too_big.status_code == 413
+
+
+def _refusing_replica(name: str, hits: list[str], status: int = 503) -> Any:
+    """A replica that passes health checks and answers every other request with `status` (503:
+    not_ready, as one that just got SIGTERM), recording each request it got in `hits`."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            code, body = 200, b"{}"
+        else:
+            hits.append(name)
+            error_type = "not_ready" if status == 503 else "internal"
+            code, body = (
+                status,
+                json.dumps({"error": f"refused by {name}", "error_type": error_type}).encode(),
+            )
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize("max_attempts", [3, 1])
+def test_a_request_every_replica_refuses_is_tried_on_at_most_max_attempts_of_them(max_attempts: int) -> None:
+    """Five replicas all answering 503: the request goes to `max_attempts` distinct ones, once
+    each (never a retry storm over the whole pool), and the last refusal is what the caller gets."""
+    hits: list[str] = []
+    names = [f"r{i}" for i in range(5)]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(_serving(_refusing_replica(n, hits))) for n in names]
+        pool = ReplicaPool([ReplicaSpec(id=n, url=u) for n, u in zip(names, urls, strict=True)])
+        with running_router(pool, health_interval=600, max_attempts=max_attempts) as (url, _):
+            assert until(lambda: pool.num_available() == 5)
+            r = httpx.post(f"{url}/generate", json=SHORT, timeout=30)
+            assert r.status_code == 503 and r.json()["error_type"] == "not_ready"
+            assert len(hits) == max_attempts and len(set(hits)) == max_attempts, hits
+            assert r.headers[REPLICA_HEADER] == hits[-1] and r.json()["error"] == f"refused by {hits[-1]}"
+            # each refusal but the relayed one took its replica out of rotation
+            states = _states(url)
+            assert sorted(n for n in names if not states[n]["healthy"]) == sorted(hits[:-1])
+
+
+def test_an_error_a_replica_answered_is_relayed_and_never_retried() -> None:
+    """A 500 (or any status but 503) means the replica ran the request: one attempt only."""
+    hits: list[str] = []
+    with _serving(_refusing_replica("a", hits, 500)) as a, _serving(_refusing_replica("b", hits, 500)) as b:
+        pool = ReplicaPool([ReplicaSpec(id="a", url=a), ReplicaSpec(id="b", url=b)])
+        with running_router(pool, health_interval=600) as (url, _):
+            assert until(lambda: pool.num_available() == 2)
+            r = httpx.post(f"{url}/generate", json=SHORT, timeout=30)
+            assert r.status_code == 500 and len(hits) == 1 and r.headers[REPLICA_HEADER] == hits[0]
+
+
+def test_unreachable_replicas_count_towards_the_attempt_cap() -> None:
+    """Healthy replicas that then vanish (connection refused, before the health checker notices)
+    are each tried once, `max_attempts` of them in all; the caller gets a 503 to retry."""
+    hits: list[str] = []
+    names = [f"r{i}" for i in range(4)]
+    servers = contextlib.ExitStack()
+    urls = [servers.enter_context(_serving(_refusing_replica(n, hits))) for n in names]
+    pool = ReplicaPool([ReplicaSpec(id=n, url=u) for n, u in zip(names, urls, strict=True)])
+    with running_router(pool, health_interval=600, max_attempts=2) as (url, _):
+        try:
+            assert until(lambda: pool.num_available() == 4)
+        finally:
+            servers.close()  # every replica is gone now; only a forwarded request can notice
+        r = httpx.post(f"{url}/generate", json=SHORT, timeout=30)
+        states = _states(url)
+    assert r.status_code == 503 and r.json()["error_type"] == "unhealthy" and r.headers["retry-after"] == "1"
+    tried = [n for n in names if states[n]["failures"]]
+    assert len(tried) == 2 and all(states[n]["failures"] == 1 for n in tried) and hits == [], states
