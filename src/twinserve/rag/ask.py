@@ -9,19 +9,8 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from twinserve.errors import TwinserveError, UnreachableError
-
-
-def _failure(status: int, body: bytes) -> TwinserveError:
-    try:
-        data = json.loads(body)
-        message = str(data.get("error", body[:200]))
-        error_type = str(data.get("error_type", "server"))
-    except (ValueError, AttributeError):
-        message, error_type = body[:200].decode("utf-8", "replace"), "server"
-    error = TwinserveError(f"{status}: {message}")
-    error.status_code, error.error_type = status, error_type
-    return error
+from twinserve.client._errors import error_from_event, error_from_response
+from twinserve.errors import UnreachableError
 
 
 def ask(
@@ -41,7 +30,7 @@ def ask(
             if on_token is None:
                 response = http.post("/rag", json=payload)
                 if response.status_code != 200:
-                    raise _failure(response.status_code, response.content)
+                    raise error_from_response(response.status_code, response.content)
                 answer: dict[str, Any] = response.json()
                 return answer
             return _streamed(http, {**payload, "stream": True}, on_token)
@@ -53,7 +42,7 @@ def _streamed(http: httpx.Client, payload: dict[str, Any], on_token: Callable[[s
     answer: dict[str, Any] = {"answer": "", "sources": []}
     with connect_sse(http, "POST", "/rag", json=payload) as events:
         if events.response.status_code != 200:
-            raise _failure(events.response.status_code, events.response.read())
+            raise error_from_response(events.response.status_code, events.response.read())
         for event in events.iter_sse():
             data = json.loads(event.data)
             if event.event == "sources":
@@ -64,5 +53,5 @@ def _streamed(http: httpx.Client, payload: dict[str, Any], on_token: Callable[[s
             elif event.event == "done":
                 answer.update(data)
             elif event.event == "error":
-                raise _failure(424, event.data.encode())
+                raise error_from_event(data) or error_from_response(424, event.data.encode())
     return answer

@@ -15,7 +15,9 @@ import pytest
 
 from tests.servers import ThreadServer, asgi_in_thread, serve_config, thread_server
 from twinserve.client import LLMClient
+from twinserve.errors import ModelError, UnauthorizedError, ValidationError
 from twinserve.rag.app import create_rag_app
+from twinserve.rag.ask import ask
 from twinserve.rag.embed import Embedder
 from twinserve.rag.ingest import Ingestor
 from twinserve.rag.settings import RagSettings
@@ -231,6 +233,25 @@ def test_a_stopped_llm_is_424_from_rag_and_503_from_health(
             assert health.json()["down"] == ["llm"] and health.json()["vector_store"]["ok"] is True
             # retrieval alone still works without the LLM
             assert _post(rag_url, "/search", {"query": "tea"}, key=None).status_code == 200
+            # `twinserve rag ask` raises the client's typed error for it, streamed or not
+            for on_token in (None, lambda _: None):
+                with pytest.raises(ModelError, match="LLM") as failed:
+                    ask(rag_url, {"query": "tea", "max_new_tokens": 2}, on_token=on_token)
+                assert failed.value.status_code == 424
+
+
+def test_rag_ask_answers_like_the_route_and_maps_errors_to_typed_ones(rag: str) -> None:
+    body = {"query": "How do I brew green tea?", "max_new_tokens": 4}
+    answer = ask(rag, body, api_key=KEY)
+    streamed_tokens: list[str] = []
+    streamed = ask(rag, body, api_key=KEY, on_token=streamed_tokens.append)
+    assert answer["answer"] == streamed["answer"] == "".join(streamed_tokens)
+    assert [s["source"] for s in answer["sources"]] == [s["source"] for s in streamed["sources"]]
+    with pytest.raises(UnauthorizedError):
+        ask(rag, body, api_key="wrong")
+    with pytest.raises(ValidationError, match="max_new_tokens") as invalid:
+        ask(rag, {**body, "max_new_tokens": MAX_TOTAL}, api_key=KEY)
+    assert invalid.value.status_code == 422
 
 
 def test_the_monolith_runs_the_llm_in_process_with_the_same_api(
