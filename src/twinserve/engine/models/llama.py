@@ -275,14 +275,13 @@ class LlamaModel:
         sin: torch.Tensor,
         batch: ForwardBatch,
         cache: SlotKVCache,
-        window_mask: SlidingWindow | None = None,
+        window: SlidingWindow | None = None,
     ) -> torch.Tensor:
         """One decoder layer over the flattened tokens `h`; writes its K/V to `cache` layer `index`.
 
-        `window_mask`: `window_mask(batch)` when this layer has a sliding window that cuts, else None.
+        `window`: `window_mask(batch)` when this layer has a sliding window that cuts, else None.
         """
         s = self.shape
-        window = window_mask
         n_q, n_kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
         x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
         qkv = layer.qkv(x)
