@@ -15,8 +15,8 @@ from twinserve.deploy.spec import Endpoint
 from twinserve.deploy.state import StateStore
 from twinserve.errors import ModelLoadError
 from twinserve.platforms.local.daemons import Daemon
-from twinserve.platforms.local.ports import port_free, port_of
-from twinserve.server.process import free_port, is_healthy, tail_lines, wait_until_healthy
+from twinserve.platforms.local.ports import reclaim_port
+from twinserve.server.process import is_healthy, tail_lines, wait_until_healthy
 
 MODULE = "twinserve.jobs.async_service"
 LOG = "async.log"
@@ -34,9 +34,7 @@ class JobService:
 
     def start(self, endpoint: Endpoint, log_dir: Path) -> None:
         """Start it on the port of its recorded URL when that is free (the router's upstream stays)."""
-        port = port_of(endpoint.async_url)
-        if port is None or not port_free(port):
-            port = free_port()
+        port = reclaim_port(endpoint.async_url)
         name = endpoint.name
         args = ["--port", str(port), "--state", str(self.store.path), "--home", str(self.home)]
         proc = self.daemon.start(name, args, log_dir)

@@ -53,11 +53,11 @@ from twinserve.platforms.local.gateway import GatewayStartError, ensure_gateway,
 from twinserve.platforms.local.job_service import LOG as JOB_SERVICE_LOG
 from twinserve.platforms.local.job_service import JobService
 from twinserve.platforms.local.local_runtime import LocalRuntime
-from twinserve.platforms.local.ports import port_free, port_of
+from twinserve.platforms.local.ports import reclaim_port
 from twinserve.platforms.local.reconciler import LIVE, Reconciler
 from twinserve.platforms.local.router.client import ROUTER_SEES_S, RouterClient
 from twinserve.platforms.local.router.process import MODULE as ROUTER_MODULE
-from twinserve.server.process import free_port, is_healthy, tail_lines, wait_until_healthy
+from twinserve.server.process import is_healthy, tail_lines, wait_until_healthy
 
 Progress = Callable[[str], None]
 
@@ -239,9 +239,7 @@ class LocalPlatform:
     # ------------------------------------------------------------ router and controller processes
     def start_router(self, endpoint: Endpoint) -> None:
         """Start the router; on the port of its recorded URL when that is free (the URL is stable)."""
-        port = port_of(endpoint.url) if endpoint.url else None
-        if port is None or not port_free(port):
-            port = free_port()
+        port = reclaim_port(endpoint.url)
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
         proc = self.router.start(name, args, self.endpoint_dir(name))

@@ -4,6 +4,13 @@ port back when it can, so its URL (the endpoint's, or the router's upstream) sta
 from __future__ import annotations
 
 import socket
+import time
+
+from twinserve.server.process import free_port
+
+# how long a restart waits for its old port: a killed process's port can be held for a moment
+# by the kernel, or by an outgoing connection that drew it as its ephemeral source port
+RECLAIM_WAIT_S = 5.0
 
 
 def port_of(url: str | None) -> int | None:
@@ -26,3 +33,17 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def reclaim_port(url: str | None, wait_s: float = RECLAIM_WAIT_S) -> int:
+    """The port of `url` once it can be bound (waiting up to `wait_s`), else a new free one."""
+    port = port_of(url)
+    if port is not None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if port_free(port):
+                return port
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+    return free_port()
