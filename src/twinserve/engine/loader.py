@@ -113,6 +113,9 @@ def shard_index(path: Path) -> dict[str, str] | None:
         raise ModelLoadError(f"cannot read {index}: {exc}") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelLoadError(f"{index}: weight_map is not a mapping of tensor names to shard files")
+    outside = sorted({v for v in weight_map.values() if Path(v).name != v or v in (".", "..")})
+    if outside:  # a shard must be a file of this folder, never a path out of it
+        raise ModelLoadError(f"{index}: shard {outside[0]!r} is not a file name in {path}")
     return weight_map
 
 

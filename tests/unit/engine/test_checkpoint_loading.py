@@ -106,6 +106,14 @@ def test_a_shard_that_disagrees_with_the_index_is_a_clear_error(checkpoint: Path
     assert name in str(info.value)
 
 
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(checkpoint: Path, shard: str) -> None:
+    name = next(iter(weight_map(checkpoint)))
+    rewrite_index(checkpoint, lambda wm: wm.update({name: shard}))
+    with pytest.raises(ModelLoadError, match="is not a file name in"):
+        load_model(engine_config(checkpoint))
+
+
 def test_a_tensor_in_two_shards_is_a_clear_error(checkpoint: Path) -> None:
     wm = weight_map(checkpoint)
     shards = sorted(set(wm.values()))
