@@ -78,6 +78,12 @@ class EndpointBenchConfig(BaseModel):
     scale_target: float = Field(4.0, gt=0, description="Scale part: concurrent requests per replica.")
     scale_timeout_s: float = Field(300.0, gt=0, description="Scale part: give up on a scale-out after this.")
     drain_timeout_s: float = Field(10.0, ge=0, description="Drain timeout of the benchmark's endpoints.")
+    platform: Literal["local", "ray"] = Field(
+        "local", description="ray: the router part measures Serve's proxy instead (the only part run)."
+    )
+    ray_address: str = Field(
+        "auto", min_length=1, description="platform ray: the cluster (`ray start --head`)."
+    )
 
 
 # ------------------------------------------------------------------ results
@@ -148,16 +154,17 @@ class EndpointBenchReport(BaseModel):
         """(measure, value, goal, met) rows for a table; `met` None where there is no goal."""
         rows: list[tuple[str, str, str, bool | None]] = []
         if (r := self.router) is not None:
+            hop = "Serve proxy" if self.config.platform == "ray" else "router"
             rows.append(
                 (
-                    "router ÷ direct tok/s (median)",
+                    f"{hop} ÷ direct tok/s (median)",
                     f"{r.ratio_median:.3f}",
                     f"≥ {r.goal}",
                     r.ratio_median >= r.goal,
                 )
             )
             ttft = f"{r.router_ttft_ms_p50:.0f} ms vs {r.direct_ttft_ms_p50:.0f} ms"
-            rows.append(("TTFT p50 router vs direct", ttft, "", None))
+            rows.append((f"TTFT p50 {hop} vs direct", ttft, "", None))
         if (u := self.update) is not None:
             rows.append(
                 ("failed requests during the update", f"{u.failed} of {u.ok + u.failed}", "0", u.failed == 0)
@@ -471,14 +478,21 @@ def run_endpoint_bench(cfg: EndpointBenchConfig, progress: Progress = _quiet) ->
                 if part not in cfg.parts:
                     continue
                 progress(f"{part}: starting")
+                runner = RUNNERS[part]
+                if cfg.platform == "ray":
+                    from twinserve.bench.ray_bench import ray_proxy_part
+
+                    runner = ray_proxy_part
                 try:
-                    result = RUNNERS[part](manager, cfg, home, progress)
+                    result = runner(manager, cfg, home, progress)
                 except Exception as exc:
                     report.errors[part] = f"{type(exc).__name__}: {exc}"
                     progress(f"{part} failed: {exc}")
                     continue
                 setattr(report, part, result)
         finally:  # belt and braces: each part deletes its own endpoint already
+            from twinserve.platforms import get_platform
+
             for endpoint in store.list_endpoints():
-                manager.delete(endpoint.name)
+                get_platform(endpoint.config.platform.type, store).delete(endpoint.name)
     return report

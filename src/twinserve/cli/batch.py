@@ -69,6 +69,10 @@ def _check_before_start(cfg: TransformJobConfig) -> None:
             fail(f"input {cfg.input} does not exist")
         check_output_writable(cfg)
         _check_no_earlier_answers(cfg)
+        if cfg.platform == "ray":
+            from twinserve.platforms.ray.batch import check_cluster
+
+            check_cluster(cfg)  # the [ray] extra, a reachable cluster, room for one actor
         if cfg.model is not None:
             from twinserve.registry.resolve import resolve_model
 
@@ -123,6 +127,15 @@ def create_command(
     dtype: str = typer.Option("auto", "--dtype", help="In-process: auto | bfloat16 | float16 | float32"),
     device: str = typer.Option("auto", "--device", help="In-process: auto | cpu | cuda"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="In-process: CPU threads."),
+    platform: str = typer.Option("local", "--platform", help="local | ray (a Ray Data actor pool)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray: auto (default) | HOST:PORT | ray://HOST:10001."
+    ),
+    actors: int | None = typer.Option(None, "--actors", help="Ray: actors in the pool, one engine each (2)."),
+    actor_cpus: float | None = typer.Option(
+        None, "--actor-cpus", help="Ray: CPUs per actor (--threads or 1)."
+    ),
+    actor_gpus: float | None = typer.Option(None, "--actor-gpus", help="Ray: GPUs per actor (1 for cuda)."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's progress until it ends."),
     foreground: bool = typer.Option(False, "--foreground", help="Run in this process, not a detached one."),
 ) -> None:
@@ -152,7 +165,11 @@ def create_command(
         "dtype": dtype,
         "device": device,
         "num_threads": threads,
+        "platform": platform,
     }
+    ray = {"address": ray_address, "actors": actors, "num_cpus": actor_cpus, "num_gpus": actor_gpus}
+    if any(value is not None for value in ray.values()):
+        values["ray"] = {key: value for key, value in ray.items() if value is not None}
     try:
         cfg = TransformJobConfig.model_validate(values)
     except ValidationError as exc:
@@ -274,9 +291,9 @@ def _exit_for(job: JobDir) -> NoReturn:
     if state.failure_reason:
         summary += f" ({state.failure_reason})"
     if state.status.value in ("Completed", "CompletedWithErrors"):
-        out.print(summary, highlight=False)
+        out.print(summary, highlight=False, markup=False)
         raise typer.Exit(0)
-    err.print(summary, highlight=False)
+    err.print(summary, highlight=False, markup=False)
     raise typer.Exit(1)
 
 

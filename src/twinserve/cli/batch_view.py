@@ -38,6 +38,8 @@ def describe_value(record: JobRecord, running: bool) -> dict[str, Any]:
         "running": running,
         "model": cfg.model,
         "endpoint": cfg.endpoint,
+        "platform": cfg.platform,
+        "ray": None if cfg.ray is None else cfg.ray.model_dump(),
         "input": cfg.input,
         "output": cfg.output,
         "record_format": cfg.record_format,
@@ -69,6 +71,9 @@ def describe_table(record: JobRecord, running: bool) -> Table:
     table.add_row(
         "model" if record.config.model else "endpoint", record.config.model or record.config.endpoint or ""
     )
+    if record.config.ray is not None:
+        ray = record.config.ray
+        table.add_row("platform", f"ray at {ray.address}, {ray.actors} actor(s)")
     table.add_row("input → output", f"{value['input']} → {value['output']}")
     total = value["records_total"]
     table.add_row("records", f"{value['records_done']} of {total if total is not None else '?'} done")

@@ -171,11 +171,21 @@ def endpoint_command(
         [], "--only", help="router, update or scale; repeatable or a comma list (default: all three)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    platform: str = typer.Option(
+        "local", "--platform", help="ray: W32 through Serve's proxy vs straight to a local replica."
+    ),
+    ray_address: str = typer.Option("auto", "--ray-address", help="--platform ray: the cluster."),
 ) -> None:
     """A local endpoint: router overhead at W32, failed requests during an update, load spike → new replica."""
     from twinserve.bench.endpoint_bench import PARTS, EndpointBenchConfig, run_endpoint_bench
 
+    if platform not in ("local", "ray"):
+        raise typer.BadParameter(f"--platform is local or ray, not {platform!r}")
     parts = [p.strip() for item in only for p in item.split(",") if p.strip()] or list(PARTS)
+    if platform == "ray":
+        if set(parts) - {"router"} and only:
+            raise typer.BadParameter("--platform ray measures the proxy only (--only router)")
+        parts = ["router"]
     if unknown := sorted(set(parts) - set(PARTS)):
         raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if model is None:
@@ -189,6 +199,8 @@ def endpoint_command(
             "concurrency": concurrency,
             "max_new_tokens": max_new_tokens,
             "parts": [p for p in PARTS if p in parts],
+            "platform": platform,
+            "ray_address": ray_address,
         }
     )
     with err.status("benchmarking …") as status:
@@ -197,14 +209,17 @@ def endpoint_command(
         out.print_json(report.model_dump_json())
     else:
         if report.router is not None:
-            table = Table(title=f"W{concurrency} through the router and straight to the replica")
+            hop = "Serve's proxy" if platform == "ray" else "the router"
+            table = Table(title=f"W{concurrency} through {hop} and straight to the replica")
             columns = "round|first|router tok/s|direct tok/s|router ÷ direct|TTFT p50 router|TTFT p50 direct"
+            if platform == "ray":
+                columns = columns.replace("router", "proxy")
             for column in columns.split("|"):
                 table.add_column(column, justify="right")
             for i, r in enumerate(report.router.rounds, 1):
                 table.add_row(
                     str(i),
-                    r.first,
+                    "proxy" if platform == "ray" and r.first == "router" else r.first,
                     f"{r.router.tokens_per_s:.1f}",
                     f"{r.direct.tokens_per_s:.1f}",
                     f"{r.ratio:.3f}",

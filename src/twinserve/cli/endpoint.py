@@ -124,7 +124,12 @@ def create_command(
     ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until InService (or Failed)."),
     platform: str | None = typer.Option(
-        None, "--platform", help="local (default) | sagemaker; recorded, later commands need no flag."
+        None, "--platform", help="local (default) | sagemaker | ray; recorded, later commands need no flag."
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="ray: auto (default: this machine's cluster), HOST:PORT or ray://HOST:10001.",
     ),
     region: str | None = typer.Option(None, "--region", help="sagemaker: AWS region."),
     role_arn: str | None = typer.Option(None, "--role-arn", help="sagemaker: execution role ARN."),
@@ -195,13 +200,17 @@ def create_command(
         }.items()
         if v is not None
     }
-    if platform not in (None, "local", "sagemaker"):
-        fail(f"--platform is local or sagemaker, not {platform!r}", 2)
+    if platform not in (None, "local", "sagemaker", "ray"):
+        fail(f"--platform is local, sagemaker or ray, not {platform!r}", 2)
+    if ray_address is not None and platform != "ray":
+        fail("--ray-address is a ray flag; add --platform ray", 2)
     if (sagemaker or keep_on_failure) and platform != "sagemaker":
         flag = next(iter(sagemaker), "keep_on_failure").replace("_", "-")
         fail(f"--{flag} is a sagemaker flag; add --platform sagemaker", 2)
     if platform == "sagemaker":
         endpoint["platform"] = {"type": "sagemaker", "sagemaker": sagemaker}
+    if platform == "ray":
+        endpoint["platform"] = {"type": "ray", "ray": {"address": ray_address} if ray_address else {}}
     if autoscale is not None:
         if asynchronous is not None:
             target = target_backlog or asynchronous.get("max_concurrent_invocations_per_replica", 8)

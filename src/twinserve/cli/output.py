@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 out = Console()
 err = Console(stderr=True)
@@ -13,5 +14,6 @@ err = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `error: message` on stderr and exit with `code` (1 an operation failed, 2 bad input)."""
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: messages hold brackets that are not markup (`pip install 'twinserve[ray]'`, JSONPath)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -3,7 +3,7 @@
 ```
                  ┌── local      processes + our router, controller, reconciler, blue/green by weights
 endpoint CLI ──► Platform ──┼── sagemaker  boto3: HF LLM DLC, SageMaker blue/green, Application Auto Scaling
-                 └── ray        (next) a Ray Serve application
+                 └── ray        a Ray Serve application: Serve routes, autoscales, rolls updates
 ```
 A platform owns what it runs (replica processes, a SageMaker endpoint, a Serve app); what is
 the same everywhere stays in `deploy/`: the spec, pinning, policies, the state store (every

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PlatformName = Literal["local", "sagemaker"]
+PlatformName = Literal["local", "sagemaker", "ray"]
 _SAGEMAKER_ARN = r"^arn:aws[a-z-]*:"
 
 
@@ -80,18 +80,72 @@ class SageMakerSettings(BaseModel):
     )
 
 
+class RaySettings(BaseModel):
+    """Which Ray cluster runs the endpoint as a Serve application, and what each replica reserves.
+
+    A replica's resources default to the variant's: `threads` CPUs (1 when unset) and one GPU for
+    `device: cuda`; `num_cpus`/`num_gpus` override them (fractions allowed, as Ray schedules them).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(
+        "auto",
+        min_length=1,
+        description="auto (the cluster `ray start` runs on this machine), HOST:PORT (its GCS) or "
+        "ray://HOST:10001 (Ray Client).",
+    )
+    http_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Where Serve's HTTP proxy listens when twinserve starts Serve (0.0.0.0 on a "
+        "multi-node cluster); an already running Serve keeps its own.",
+    )
+    http_port: int = Field(8000, ge=1, le=65535, description="The proxy's port when twinserve starts Serve.")
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Base URL clients reach the proxy at (a load balancer in front of every node's "
+        "proxy); None = http://<proxy host>:<port>. The endpoint is at <base>/<name>.",
+    )
+    num_cpus: float | None = Field(None, gt=0, description="CPUs each replica reserves; None = threads or 1.")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs each replica reserves; None = 1 for device cuda, else 0."
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests Serve sends one replica at once (the engine batches them); None = the "
+        "variant's max_concurrent_requests, else 128.",
+    )
+    max_constructor_retries: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Serve's max_constructor_retry_count: replica starts (model loads) that may fail "
+        "before the deployment fails, and an update rolls back.",
+    )
+
+
 class PlatformConfig(BaseModel):
     """Which platform runs the endpoint, with that platform's settings (`platform:` in the YAML)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    type: PlatformName = Field("local", description="local (processes on this machine) | sagemaker.")
+    type: PlatformName = Field(
+        "local", description="local (processes on this machine) | sagemaker | ray (a Serve application)."
+    )
     sagemaker: SageMakerSettings | None = Field(None, description="Only with type: sagemaker.")
+    ray: RaySettings | None = Field(None, description="Only with type: ray.")
 
     @model_validator(mode="after")
     def _settings_match(self) -> PlatformConfig:
         if self.sagemaker is not None and self.type != "sagemaker":
             raise ValueError(f"platform.sagemaker is set but platform.type is {self.type!r}")
+        if self.ray is not None and self.type != "ray":
+            raise ValueError(f"platform.ray is set but platform.type is {self.type!r}")
         if self.type == "sagemaker" and self.sagemaker is None:
             self.sagemaker = SageMakerSettings()
+        if self.type == "ray" and self.ray is None:
+            self.ray = RaySettings()
         return self

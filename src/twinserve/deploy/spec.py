@@ -187,10 +187,11 @@ class EndpointConfig(BaseModel):
         policy = self.autoscaling
         if policy is None:
             return self
-        if policy.min_replicas < 1 and self.async_inference is None:
+        # Serve's proxy holds requests while a replica starts, so Ray scales real-time to zero
+        if policy.min_replicas < 1 and self.async_inference is None and self.platform.type != "ray":
             raise ValueError(
                 "autoscaling.min_replicas must be >= 1 for a real-time endpoint "
-                "(scale to zero needs a queue: use an async endpoint)"
+                "(scale to zero needs a queue: use an async endpoint, or the ray platform)"
             )
         if policy.metric == "backlog_per_replica" and self.async_inference is None:
             raise ValueError("autoscaling on backlog_per_replica needs an async endpoint (a queue)")
@@ -445,6 +446,28 @@ class Endpoint(BaseModel):
             }
         )
         config._api_key_env = self.config._api_key_env
+        return config
+
+    def config_with_policy(self, policy: AutoscalingPolicy | None) -> EndpointConfig:
+        """The serving config with `policy` (None: fixed counts), each scaled variant's start count
+        moved into the new bounds so the config validates (the platform moves the running count);
+        ValidationError for a policy this endpoint cannot take."""
+        from twinserve.errors import ValidationError
+
+        variants = []
+        for v in self.config.variants:
+            n = self.desired(v.name)
+            if policy is not None and policy.variant in (None, v.name):
+                n = min(max(n, policy.min_replicas), policy.max_replicas)
+            variants.append(v.model_copy(update={"replicas": max(n, 1)}))
+        data = self.config.to_dict(reveal_secrets=True)
+        data["variants"] = [v.model_dump(mode="json", exclude_none=True) for v in variants]
+        data["autoscaling"] = policy.model_dump(mode="json") if policy is not None else None
+        try:
+            config = EndpointConfig.from_dict(data)
+        except ValueError as exc:  # pydantic's ValidationError: a policy this endpoint can't take
+            raise ValidationError(f"autoscaling policy for {self.name!r}: {exc}") from exc
+        config._api_key_env = self.config._api_key_env  # keep showing the key as its ${ENV} reference
         return config
 
     def traffic_weights(self) -> dict[str, float]:

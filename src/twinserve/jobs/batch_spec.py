@@ -46,6 +46,26 @@ class JobStatus(enum.StrEnum):
         )
 
 
+class RayBatchSettings(BaseModel):
+    """Where a `platform: ray` job runs: the cluster, and the Ray Data actor pool (one engine each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(
+        "auto",
+        min_length=1,
+        description="auto (the cluster `ray start` runs on this machine), HOST:PORT (its GCS) or "
+        "ray://HOST:10001 (Ray Client).",
+    )
+    actors: int = Field(2, ge=1, le=1024, description="Actors in the pool; each loads the model once.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs each actor reserves; None = num_threads or 1."
+    )
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs each actor reserves; None = 1 for device cuda, else 0."
+    )
+
+
 class TransformJobConfig(BaseModel):
     """One batch transform job: where records come from, what runs them, where answers go."""
 
@@ -104,11 +124,25 @@ class TransformJobConfig(BaseModel):
         32, ge=1, description="Commit (fsync outputs, then the checkpoint) after this many records …"
     )
     checkpoint_every_s: float = Field(2.0, gt=0, description="… or this many seconds, whichever comes first.")
+    platform: Literal["local", "ray"] = Field(
+        "local", description="local: the engine in the job's process; ray: a Ray Data actor pool."
+    )
+    ray: RayBatchSettings | None = Field(None, description="Only with platform ray (defaults filled in).")
 
     @model_validator(mode="after")
     def _one_target(self) -> TransformJobConfig:
         if (self.model is None) == (self.endpoint is None):
             raise ValueError("give exactly one of `model` and `endpoint`")
+        if self.platform == "ray":
+            if self.endpoint is not None:
+                raise ValueError(
+                    "an endpoint job sends its records to the endpoint and needs no Ray; drop "
+                    "--platform ray (the endpoint itself can run on Ray: `endpoint create --platform ray`)"
+                )
+            if self.ray is None:
+                self.ray = RayBatchSettings()
+        elif self.ray is not None:
+            raise ValueError("Ray settings (--ray-address, --actors, …) need --platform ray")
         return self
 
     @field_validator("input_filter", "output_filter")

@@ -1,7 +1,8 @@
 """Run a batch transform job: records in, answers out in input order, resumable at any point.
 
 Up to `max_concurrent_transforms` records are in flight at once (on the in-process engine,
-which batches them continuously, or on an endpoint). They finish out of order; each input
+which batches them continuously, or on an endpoint; `platform: ray` runs them on a Ray Data
+actor pool instead, see `platforms/ray/batch.py`). They finish out of order; each input
 file's `FileWriter` holds early answers in a reorder buffer and writes line i only after
 line i-1, so `<input>.out` is always in input order. Failed records go to `<input>.err` with
 their line number and reason; none is ever dropped. Every `checkpoint_every_records` records
@@ -66,12 +67,44 @@ def is_fatal(error: BaseException) -> bool:
 
 
 @dataclass
-class _Done:
+class RecordResult:
+    """What a record leaves in the answer files: its `.out` and `.err` bytes (either may be None)."""
+
     out: bytes | None
     err: bytes | None
     ok: bool
     prompt_tokens: int = 0
     generated_tokens: int = 0
+
+
+async def transform_record(
+    cfg: TransformJobConfig, target: Target, file: str, record: InputRecord, created: float
+) -> RecordResult:
+    """One record, parsed, run and turned into its answer lines (the same bytes on every run and
+    every platform: ids come from the job, file, record number and creation time). A failed record
+    is a result; errors after which no record can succeed (`is_fatal`) are raised."""
+    ids = RecordIds(record_key(cfg.name, file, record.index), int(created))
+    parsed: ParsedRecord | None = None
+    try:
+        parsed = parse_record(
+            record,
+            record_format=cfg.record_format,
+            input_filter=cfg.input_filter,
+            max_payload_bytes=cfg.max_payload_mb * 1_000_000,
+        )
+        outcome = await target.run(parsed, ids, cfg.parameters)
+        line = success_line(cfg, parsed, outcome, ids)
+        return RecordResult(line, None, True, outcome.prompt_tokens, outcome.generated_tokens)
+    except RecordFailure as failure:
+        return RecordResult(*failure_lines(cfg, record, None, failure.error, ids), ok=False)
+    except TwinserveError as exc:
+        if is_fatal(exc):
+            raise
+        return RecordResult(*failure_lines(cfg, record, parsed, exc, ids), ok=False)
+    except Exception as exc:  # a bug: this record fails with a stable message, the log has why
+        log.exception("record %d of %s failed", record.index, file)
+        error = ServerError(f"internal error while transforming the record ({type(exc).__name__})")
+        return RecordResult(*failure_lines(cfg, record, parsed, error, ids), ok=False)
 
 
 class FileWriter:
@@ -84,7 +117,7 @@ class FileWriter:
         self.progress = checkpoint.model_copy()
         self._out: IO[bytes] = open_at(self.out_path, checkpoint.out_offset)
         self._err: IO[bytes] = open_at(self.err_path, checkpoint.err_offset)
-        self._pending: dict[int, _Done] = {}
+        self._pending: dict[int, RecordResult] = {}
         self._ends: dict[int, tuple[int, int]] = {}  # record → (input offset, line) after it
         self.dispatched = checkpoint.records
         self.read_all = False
@@ -93,7 +126,7 @@ class FileWriter:
         self._ends[index] = (end_offset, end_line)
         self.dispatched = index + 1
 
-    def put(self, index: int, done: _Done) -> int:
+    def put(self, index: int, done: RecordResult) -> int:
         """Buffer a finished record; write every record now in order. Returns how many."""
         self._pending[index] = done
         written = 0
@@ -134,14 +167,18 @@ class FileWriter:
 
 
 class TransformRunner:
-    """One run of a job over its inputs (a fresh start or a resume from the checkpoint)."""
+    """One run of a job over its inputs (a fresh start or a resume from the checkpoint).
+
+    `_feed` dispatches the records; a platform that runs them elsewhere (Ray Data) overrides it,
+    with no `target` here, and hands results to `_record_done`.
+    """
 
     def __init__(
         self,
         job: JobDir,
         record: JobRecord,
         inputs: list[InputFile],
-        target: Target,
+        target: Target | None,
         *,
         close_target: bool = True,
     ) -> None:
@@ -178,7 +215,7 @@ class TransformRunner:
                 writer.close()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGTERM)
-            if self.close_target:
+            if self.close_target and self.target is not None:
                 await self.target.close()
         if self.fatal is not None:
             raise self.fatal
@@ -232,33 +269,19 @@ class TransformRunner:
         semaphore.release()
 
     async def _one(self, writer: FileWriter, file: str, record: InputRecord) -> None:
-        cfg = self.cfg
-        ids = RecordIds(record_key(cfg.name, file, record.index), int(self.state.creation_time))
-        parsed: ParsedRecord | None = None
+        assert self.target is not None
         try:
-            parsed = parse_record(
-                record,
-                record_format=cfg.record_format,
-                input_filter=cfg.input_filter,
-                max_payload_bytes=cfg.max_payload_mb * 1_000_000,
-            )
-            outcome = await self.target.run(parsed, ids, cfg.parameters)
-            line = success_line(cfg, parsed, outcome, ids)
-            done = _Done(line, None, True, outcome.prompt_tokens, outcome.generated_tokens)
-        except RecordFailure as failure:
-            done = _Done(*failure_lines(cfg, record, None, failure.error, ids), ok=False)
-        except TwinserveError as exc:
-            if is_fatal(exc):
-                self.fatal = self.fatal or exc
-                self.stop()
-                return
-            done = _Done(*failure_lines(cfg, record, parsed, exc, ids), ok=False)
-        except Exception as exc:  # a bug: this record fails with a stable message, the log has why
-            log.exception("record %d of %s failed", record.index, file)
-            error = ServerError(f"internal error while transforming the record ({type(exc).__name__})")
-            done = _Done(*failure_lines(cfg, record, parsed, error, ids), ok=False)
-        self._since_commit += writer.put(record.index, done)
-        if self._since_commit >= cfg.checkpoint_every_records:
+            done = await transform_record(self.cfg, self.target, file, record, self.state.creation_time)
+        except TwinserveError as exc:  # fatal (transform_record returns every other failure)
+            self.fatal = self.fatal or exc
+            self.stop()
+            return
+        self._record_done(writer, record.index, done)
+
+    def _record_done(self, writer: FileWriter, index: int, done: RecordResult) -> None:
+        """Hand a finished record to its file's writer; commit when enough are written."""
+        self._since_commit += writer.put(index, done)
+        if self._since_commit >= self.cfg.checkpoint_every_records:
             self.commit()
         self._finish_if_done(writer)
 
@@ -328,9 +351,15 @@ def run_job(name: str, *, target: Target | None = None, home: Path | None = None
             if state.records_total is None:
                 state.records_total = sum(count_records(f.path, record.config.split_type) for f in inputs)
                 job.save(record)
-            runner = TransformRunner(
-                job, record, inputs, target or build_target(record.config), close_target=target is None
-            )
+            runner: TransformRunner
+            if record.config.platform == "ray" and target is None:
+                from twinserve.platforms.ray.batch import RayDataRunner
+
+                runner = RayDataRunner(job, record, inputs)
+            else:
+                runner = TransformRunner(
+                    job, record, inputs, target or build_target(record.config), close_target=target is None
+                )
             state.status = asyncio.run(runner.run())
         except TwinserveError as exc:
             state.status, state.failure_reason = JobStatus.FAILED, exc.message

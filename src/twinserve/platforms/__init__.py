@@ -1,4 +1,5 @@
-"""Where endpoints run: `local` (processes + router on this machine) and `sagemaker` (boto3).
+"""Where endpoints run: `local` (processes + router on this machine), `sagemaker` (boto3) and
+`ray` (a Ray Serve application).
 
 `get_platform` builds one by name; `platform_of` finds the one an endpoint was created on (its
 config records it), so only `create` needs `--platform`.
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from twinserve.deploy.platform_config import PlatformName
     from twinserve.deploy.state import StateStore
 
-PLATFORMS: tuple[PlatformName, ...] = ("local", "sagemaker")
+PLATFORMS: tuple[PlatformName, ...] = ("local", "sagemaker", "ray")
 
 
 def get_platform(name: PlatformName, store: StateStore | None = None) -> Platform:
@@ -29,6 +30,10 @@ def get_platform(name: PlatformName, store: StateStore | None = None) -> Platfor
         from twinserve.platforms.sagemaker.platform import SageMakerPlatform
 
         return SageMakerPlatform(store)
+    if name == "ray":
+        from twinserve.platforms.ray.platform import RayPlatform
+
+        return RayPlatform(store)
     raise ValueError(f"unknown platform {name!r}; one of {', '.join(PLATFORMS)}")
 
 

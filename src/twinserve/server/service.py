@@ -57,6 +57,9 @@ class ModelService:
         self.resolved = resolved
         self.state = ServiceState.READY if engine is not None else ServiceState.LOADING
         self.failure: str | None = None
+        # why the model did not load, in words (the log has the traceback); `failure` stays the
+        # generic public text, since /health is unauthenticated
+        self.load_error: str | None = None
         self._generation_defaults = dict(generation_defaults or {})
         self._chat_template: str | None = None
         if resolved is not None:
@@ -118,6 +121,7 @@ class ModelService:
                 extra={"reason": message},
                 exc_info=not isinstance(exc, TwinserveError),
             )
+            self.load_error = message
             self._fail("the model failed to load (the server log says why)")
 
     def _watch(self, engine: AsyncEngine) -> None:

@@ -429,7 +429,7 @@ class LocalPlatform:
         tick, with a fresh window and cooldowns, and moves a count outside the new bounds into them."""
         ep = self.begin(name, "autoscaling", EndpointStatus.UPDATING, _can_scale)
         try:
-            config = _with_policy(ep, policy)
+            config = ep.config_with_policy(policy)
             self.store.update_endpoint(name, lambda e: e.model_copy(update={"config": config}))
             if policy is not None and not self.controller_alive(self.store.get_endpoint(name)):
                 self.start_controller(name)
@@ -529,26 +529,6 @@ class LocalPlatform:
             with ThreadPoolExecutor(max_workers=len(records), thread_name_prefix="replica-stop") as pool:
                 list(pool.map(lambda r: self.runtime.stop_replica(r, drain_timeout), records))
         self.runtime.sweep_orphans(name)  # started by a control process killed before it recorded them
-
-
-def _with_policy(ep: Endpoint, policy: AutoscalingPolicy | None) -> EndpointConfig:
-    """The serving config with `policy`, each variant's start count clamped into its bounds (so
-    the config validates; the controller moves the running count)."""
-    variants = []
-    for v in ep.config.variants:
-        n = ep.desired(v.name)
-        if policy is not None and policy.variant in (None, v.name):
-            n = min(max(n, policy.min_replicas), policy.max_replicas)
-        variants.append(v.model_copy(update={"replicas": max(n, 1)}))
-    data = ep.config.to_dict(reveal_secrets=True)
-    data["variants"] = [v.model_dump(mode="json", exclude_none=True) for v in variants]
-    data["autoscaling"] = policy.model_dump(mode="json") if policy is not None else None
-    try:
-        config = EndpointConfig.from_dict(data)
-    except ValueError as exc:  # pydantic's ValidationError: a policy this endpoint can't take
-        raise ValidationError(f"autoscaling policy for {ep.name!r}: {exc}") from exc
-    config._api_key_env = ep.config._api_key_env  # keep showing the key as its ${ENV} reference
-    return config
 
 
 def _can_scale(ep: Endpoint) -> str | None:

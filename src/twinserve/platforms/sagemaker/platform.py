@@ -193,7 +193,7 @@ class SageMakerPlatform:
     ) -> Endpoint:
         """Apply `policy` on AWS (Application Auto Scaling + CloudWatch), or remove it with None."""
         ep = self.store.get_endpoint(name)
-        new = _with_policy(ep, policy)
+        new = ep.config_with_policy(policy)
         ep = self.begin(name, "autoscale", EndpointStatus.UPDATING)
         region = self.region_of(ep)
         self.store.update_endpoint(
@@ -297,21 +297,6 @@ def _in_service(ep: Endpoint) -> str | None:
 def _intended_alarms(ep: Endpoint, config: EndpointConfig) -> dict[str, str]:
     """The endpoint's resources with the alarms `config`'s policy will create (recorded first)."""
     return resources.with_alarms(ep.resources, sorted(autoscaling.parts(config)[1]))
-
-
-def _with_policy(ep: Endpoint, policy: AutoscalingPolicy | None) -> EndpointConfig:
-    """The serving config with `policy`, each variant's count moved into the new bounds."""
-    variants = []
-    for v in ep.config.variants:
-        count = ep.desired(v.name)
-        if policy is not None and policy.variant in (None, v.name):
-            count = min(max(count, policy.min_replicas), policy.max_replicas)
-        variants.append(v.model_copy(update={"replicas": max(count, 1)}))
-    data: dict[str, Any] = {**ep.config.model_dump(), "variants": variants, "autoscaling": policy}
-    try:
-        return EndpointConfig.model_validate(data)
-    except ValueError as exc:
-        raise ValidationError(f"autoscaling policy refused: {exc}") from exc
 
 
 def _refreshed(ep: Endpoint, reply: dict[str, Any]) -> Endpoint:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
 
 import httpx
 import pytest
 
 from tests.factories import tiny_llama_dir
 from tests.servers import process_gone
+from tests.steady_load import SteadyLoad, wait_until
 from twinserve.deploy.spec import EndpointConfig, EndpointStatus, ReplicaState
 from twinserve.errors import BusyError, UpdateRolledBackError, ValidationError
 from twinserve.platforms.local.platform import LocalPlatform
@@ -42,98 +38,6 @@ def _config(model: Path, name: str = "twin", *, replicas: int = 1, **extra: obje
     )
 
 
-class SteadyLoad:
-    """Background clients sending requests through the router until stopped; counts every outcome.
-
-    Any exception, a non-200 or a body that is not a finished generation is a failure with its
-    description; `check` also fails when a client thread did not send requests to the end.
-    """
-
-    BODY: ClassVar[dict[str, Any]] = {"inputs": "hello there", "parameters": {"max_new_tokens": 8}}
-
-    def __init__(self, url: str, clients: int = 3) -> None:
-        self.url = url
-        self.ok = 0
-        self.failures: list[str] = []
-        self.replicas: list[str] = []
-        self.served = [0] * clients  # requests each client had answered in full
-        self.finished = [False] * clients  # each client's loop ran until stop (did not die)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> SteadyLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-
-    def check(self, max_failures: int = 0) -> None:
-        """Every client ran to the end and had requests served; at most `max_failures` of them failed."""
-        assert not any(t.is_alive() for t in self._threads), "a client still runs after the load stopped"
-        assert self.finished == [True] * len(self._threads), f"a client died: {self.failures}"
-        assert all(n > 0 for n in self.served), (
-            f"a client had no request served: {self.served} {self.failures[:5]}"
-        )
-        assert len(self.failures) <= max_failures, self.failures
-
-    def _run(self, i: int) -> None:
-        try:
-            with httpx.Client(timeout=60) as client:
-                while not self._stop.is_set():
-                    try:
-                        # half stream: a stream cut short by an update counts as a failure
-                        replica, problem = self._stream(client) if i % 2 else self._generate(client)
-                    except Exception as exc:  # whatever it is, the request was dropped
-                        replica, problem = None, f"{type(exc).__name__}: {exc}"
-                    if problem is None:
-                        self.ok += 1
-                        self.served[i] += 1
-                        self.replicas.append(replica or "?")
-                    else:
-                        self.failures.append(problem)
-        except BaseException as exc:  # recorded, and `finished` stays False
-            self.failures.append(f"client {i} died: {type(exc).__name__}: {exc}")
-            return
-        self.finished[i] = True
-
-    def _generate(self, client: httpx.Client) -> tuple[str | None, str | None]:
-        r = client.post(f"{self.url}/generate", json=self.BODY)
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
-        if (
-            r.status_code != 200
-            or not isinstance(body, dict)
-            or not isinstance(body.get("generated_text"), str)
-        ):
-            return None, f"/generate {r.status_code}: {r.text[:200]}"
-        return r.headers.get("x-twinserve-replica"), None
-
-    def _stream(self, client: httpx.Client) -> tuple[str | None, str | None]:
-        with client.stream("POST", f"{self.url}/generate_stream", json=self.BODY) as r:
-            text = r.read().decode()
-        events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
-        finished = (
-            bool(events)
-            and all(isinstance(e, dict) and "error" not in e for e in events)
-            and all(e.get("generated_text") is None for e in events[:-1])
-            and isinstance(events[-1].get("generated_text"), str)
-        )
-        if r.status_code != 200 or not finished:
-            return None, f"/generate_stream {r.status_code}: {text[-200:]}"
-        return r.headers.get("x-twinserve-replica"), None
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
-
 def test_blue_green_update_drops_no_request(
     manager: LocalPlatform, tiny_model_dir: Path, other_model_dir: Path
 ) -> None:
@@ -142,11 +46,11 @@ def test_blue_green_update_drops_no_request(
     blue = {r.id: r.pid for r in endpoint.replicas}
     messages: list[str] = []
     with SteadyLoad(endpoint.url) as load:
-        _wait(lambda: load.ok >= 5, 60, "traffic before the update")
+        wait_until(lambda: load.ok >= 5, 60, "traffic before the update")
         target = manager.config_with_model("twin", str(other_model_dir))
         updated = manager.update("twin", target, progress=messages.append)
         served_before_end = load.ok
-        _wait(lambda: load.ok >= served_before_end + 5, 60, "traffic after the update")
+        wait_until(lambda: load.ok >= served_before_end + 5, 60, "traffic after the update")
     load.check()
     assert updated.status is EndpointStatus.IN_SERVICE and updated.generation == 2
     assert updated.url == endpoint.url  # one stable URL
@@ -193,7 +97,7 @@ def test_update_to_a_broken_version_rolls_back_and_keeps_serving(
         with pytest.raises(UpdateRolledBackError) as info:
             manager.update("twin", _config(broken))
         before = load.ok
-        _wait(lambda: load.ok > before + 2, 60, "traffic after the rollback")
+        wait_until(lambda: load.ok > before + 2, 60, "traffic after the rollback")
     load.check()
     assert "rolled back" in str(info.value)
     after = manager.describe("twin")
@@ -248,7 +152,7 @@ def test_reconcile_replaces_dead_replicas_and_restarts_the_router(
     assert victim.pid
     os.kill(victim.pid, signal.SIGKILL)
     os.kill(endpoint.router_pid, signal.SIGKILL)
-    _wait(lambda: not running(victim.pid or 0), 10, "the replica to die")
+    wait_until(lambda: not running(victim.pid or 0), 10, "the replica to die")
     actions = manager.reconcile("twin")
     assert any("died" in a for a in actions) and any("router" in a for a in actions)
     after = manager.describe("twin")
@@ -296,7 +200,7 @@ def test_controller_replaces_a_dead_replica(manager: LocalPlatform, tiny_model_d
             len(replicas) == 1 and replicas[0].id != victim.id and replicas[0].state is ReplicaState.HEALTHY
         )
 
-    _wait(replaced, 120, "the controller to replace the replica")
+    wait_until(replaced, 120, "the controller to replace the replica")
     assert "died" in manager.logs("twin")["controller"]
 
 
@@ -313,10 +217,10 @@ def test_autoscaling_follows_a_burst_of_streams(manager: LocalPlatform, tiny_mod
     endpoint = manager.create(_config(tiny_model_dir, autoscaling=policy))
     assert endpoint.url
     with SteadyLoad(endpoint.url, clients=4) as load:
-        _wait(lambda: manager.describe("twin").variants[0].current_replicas == 2, 120, "a scale-out")
+        wait_until(lambda: manager.describe("twin").variants[0].current_replicas == 2, 120, "a scale-out")
     load.check()
-    _wait(lambda: manager.describe("twin").variants[0].desired_replicas == 1, 120, "a scale-in")
-    _wait(lambda: len(manager.describe("twin").replicas) == 1, 60, "the extra replica to stop")
+    wait_until(lambda: manager.describe("twin").variants[0].desired_replicas == 1, 120, "a scale-in")
+    wait_until(lambda: len(manager.describe("twin").replicas) == 1, 60, "the extra replica to stop")
     events = manager.events("twin")
     assert [(e.from_replicas, e.to_replicas) for e in events] == [(1, 2), (2, 1)]
     assert events[0].metric == "concurrent_requests_per_replica" and (events[0].metric_value or 0) > 1
@@ -338,7 +242,9 @@ def test_update_without_waiting_runs_in_a_detached_process(
     target = manager.config_with_model("twin", str(other_model_dir))
     manager.update_detached("twin", target)
     assert manager.store.get_endpoint("twin").status is EndpointStatus.UPDATING
-    _wait(lambda: manager.store.get_endpoint("twin").status is EndpointStatus.IN_SERVICE, 240, "the update")
+    wait_until(
+        lambda: manager.store.get_endpoint("twin").status is EndpointStatus.IN_SERVICE, 240, "the update"
+    )
     after = manager.describe("twin")
     assert after.generation == 2 and after.failure_reason is None, after.failure_reason
     assert after.config.api_key and after.config.api_key.get_secret_value() == "detached-key"
@@ -362,7 +268,7 @@ def test_a_canary_that_dies_while_baking_is_rolled_back(
         with pytest.raises(UpdateRolledBackError, match="while baking"):
             manager.update("twin", _config(other_model_dir), canary_percent=[50], bake_s=5, progress=progress)
         before = load.ok
-        _wait(lambda: load.ok > before + 2, 60, "traffic after the rollback")
+        wait_until(lambda: load.ok > before + 2, 60, "traffic after the rollback")
     # a request the killed canary had not answered yet is retried on the old replica; only a
     # stream it had started answering can be lost (never re-run: its tokens were sent)
     load.check(max_failures=1)
