@@ -92,6 +92,13 @@ class EngineConfig(BaseModel):
             "once and copy its KV to every row, instead of computing it per row."
         ),
     )
+    prefix_cache: bool = Field(
+        True,
+        description=(
+            "Keep the KV of finished requests (within max_batch_total_tokens, evicted LRU when "
+            "running requests need the room) and reuse it for prompts that start the same way."
+        ),
+    )
     max_batch_total_tokens: int = Field(
         32768, ge=2, description="KV-cache budget in tokens over all running requests."
     )
@@ -210,6 +217,11 @@ class ServeConfig(BaseSettings):
     share_prompt_prefix: bool = Field(
         True, validation_alias=_env("TWINSERVE_SHARE_PROMPT_PREFIX"), description="See EngineConfig."
     )
+    prefix_cache: bool = Field(
+        True,
+        validation_alias=_env("TWINSERVE_PREFIX_CACHE", "PREFIX_CACHING", "USE_PREFIX_CACHING"),
+        description="Reuse the KV of earlier requests' prompts (see EngineConfig); --no-prefix-cache turns it off.",
+    )
     max_batch_size: int = Field(64, ge=1, validation_alias=_env("TWINSERVE_MAX_BATCH_SIZE", "MAX_BATCH_SIZE"))
     max_concurrent_requests: int = Field(
         128,
@@ -316,6 +328,7 @@ class ServeConfig(BaseSettings):
             max_batch_total_tokens=self.max_batch_total_tokens or max(32768, self.max_total_tokens),
             prefill_step_tokens=self.prefill_step_tokens,
             share_prompt_prefix=self.share_prompt_prefix,
+            prefix_cache=self.prefix_cache,
             max_batch_size=self.max_batch_size,
             max_concurrent_requests=self.max_concurrent_requests,
             validation_workers=self.validation_workers,

@@ -253,6 +253,7 @@ def test_resources_the_cluster_lacks_show_serves_pending_reason(
         {
             "name": "greedy",
             "variants": [{"model": str(models["blue"])}],
+            "drain_timeout_s": 1,  # Serve waits this long to stop even a replica it never placed
             "platform": {"type": "ray", "ray": {"address": ray_cluster.address, "num_cpus": 64}},
         }
     )

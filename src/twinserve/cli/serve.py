@@ -59,6 +59,11 @@ def serve_command(
     log_prompts: bool | None = typer.Option(
         None, "--log-prompts/--no-log-prompts", help="Log prompt and output text."
     ),
+    prefix_cache: bool | None = typer.Option(
+        None,
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse earlier prompts' KV for prompts that start the same way (default on). Env: PREFIX_CACHING.",
+    ),
 ) -> None:
     """Serve a model over HTTP until SIGTERM (then drain in-flight requests and exit 0)."""
     flags: dict[str, Any] = {
@@ -80,6 +85,7 @@ def serve_command(
         "drain_grace_s": drain_grace,
         "log_format": log_format,
         "log_prompts": log_prompts,
+        "prefix_cache": prefix_cache,
     }
     try:
         config = ServeConfig(**{k: v for k, v in flags.items() if v is not None})

@@ -27,6 +27,7 @@ from typing import Any
 
 from twinserve.config import EngineConfig
 from twinserve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
+from twinserve.engine.prefix_cache import PrefixCache
 from twinserve.engine.request import (
     GenerateRequest,
     GenerationDetails,
@@ -107,6 +108,12 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return self._in_flight - len(self.scheduler.running)
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The runner's cross-request prefix cache (None when it is off)."""
+        cache = getattr(self.runner, "prefix", None)
+        return cache if isinstance(cache, PrefixCache) else None
 
     def tokenize(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
@@ -417,6 +424,8 @@ class Engine:
     ) -> TokenEvent:
         state.status = status
         state.finish_time = time.monotonic()
+        if status is not RequestStatus.FINISHED_ERROR and not self._dying:
+            self.runner.retain(state)  # before its slot is handed to another request
         move = self.scheduler.remove(state)
         if move is not None and not self._dying:
             self.runner.move_slot(move)
@@ -437,6 +446,7 @@ class Engine:
                 tokens=state.tokens,
                 top_tokens=state.top_tokens,
                 prompt_tokens=state.prompt_len,
+                cached_tokens=state.cached_tokens,
             )
         scheduled = state.scheduled_time or state.finish_time
         return TokenEvent(

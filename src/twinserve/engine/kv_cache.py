@@ -94,6 +94,16 @@ class SlotKVCache:
         index = torch.tensor(dsts, dtype=torch.long, device=self._kv.device)
         self._kv[:, :, index, :, :length] = self._kv[:, :, src : src + 1, :, :length]
 
+    def read_slot(self, slot: int, length: int) -> torch.Tensor:
+        """A copy of the first `length` positions of `slot`: [layers, 2, kv_heads, length, head_dim]."""
+        assert self._kv is not None
+        return self._kv[:, :, slot, :, :length].clone()
+
+    def write_slot(self, slot: int, kv: torch.Tensor, length: int) -> None:
+        """Write the first `length` positions of `kv` (as `read_slot` returns it) into `slot`."""
+        assert self._kv is not None
+        self._kv[:, :, slot, :, :length] = kv[:, :, :, :length]
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (compaction)."""
         assert self._kv is not None

@@ -197,6 +197,8 @@ class GenerationDetails:
     tokens: list[Token]
     top_tokens: list[list[Token]]
     prompt_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not prefilled again)."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from twinserve.config import EngineConfig
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.loader import LoadedModel
 from twinserve.engine.models.llama import ForwardBatch
+from twinserve.engine.prefix_cache import MIN_HIT_TOKENS, PrefixCache
 from twinserve.engine.sampling import sample
 from twinserve.engine.scheduler import SlotMove
 from twinserve.engine.state import RequestState
@@ -49,6 +50,8 @@ class Runner(Protocol):
 
     def release_cache(self) -> None: ...
 
+    def retain(self, state: RequestState) -> None: ...
+
     def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput: ...
 
 
@@ -64,10 +67,28 @@ class ModelRunner:
         self.cache = SlotKVCache(
             shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.act_dtype, self.device
         )
+        self.prefix = PrefixCache() if config.prefix_cache else None
 
     # --------------------------------------------------------------- cache
     def prepare_cache(self, slots: int, capacity: int, live_slots: int) -> None:
-        self.cache.fit(slots, capacity, live_slots, self.config.max_batch_total_tokens)
+        budget = self.config.max_batch_total_tokens
+        if self.prefix is not None and (slots > self.cache.slots or capacity > self.cache.capacity):
+            # running requests come first: cached prefixes give way to a larger slot cache
+            self.prefix.evict_to(budget - max(slots, self.cache.slots) * max(capacity, self.cache.capacity))
+        self.cache.fit(slots, capacity, live_slots, budget)
+
+    def retain(self, state: RequestState) -> None:
+        """Keep a finishing request's KV (its prompt and the answer written so far) for later
+        prompts that start with it, within what the slot cache leaves of the KV budget."""
+        n = state.num_cached
+        if self.prefix is None or state.slot < 0 or n < MIN_HIT_TOKENS or self.cache.slots == 0:
+            return
+        room = self.config.max_batch_total_tokens - self.cache.slots * self.cache.capacity
+        if n > room:
+            return
+        self.prefix.evict_to(room - n)
+        tokens = (state.prompt_ids + state.output_ids)[:n]
+        self.prefix.insert(tokens, self.cache.read_slot(state.slot, n))
 
     def move_slot(self, move: SlotMove) -> None:
         self.cache.move_slot(move.src, move.dst, move.length)
@@ -110,10 +131,45 @@ class ModelRunner:
         return self.model.forward(batch, self.cache)
 
     def _prefill(self, rows: list[RequestState]) -> tuple[torch.Tensor, list[list[float] | None]]:
+        """Rows whose prompt starts with a cached prefix get its KV copied into their slot and
+        are prefilled from there, one pass per cached length; the others as one group."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            hit = None
+            if self.prefix is not None and not r.wants_prompt_logprobs:
+                hit = self.prefix.match(r.prompt_ids, r.prompt_len - 1)
+            if hit is not None:
+                self.cache.write_slot(r.slot, hit.entry.kv, hit.tokens)
+            r.cached_tokens = hit.tokens if hit is not None else 0
+            groups.setdefault(r.cached_tokens, []).append(i)
+        if len(groups) == 1:
+            ((cached, _),) = groups.items()
+            return self._prefill_group(rows, cached)
+        order: list[int] = []
+        parts: list[torch.Tensor] = []
+        prompt_logprobs: list[list[float] | None] = [None] * len(rows)
+        for cached, members in groups.items():
+            logits, logprobs = self._prefill_group([rows[i] for i in members], cached)
+            parts.append(logits)
+            order.extend(members)
+            for i, lp in zip(members, logprobs, strict=True):
+                prompt_logprobs[i] = lp
+        logits = torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)], prompt_logprobs
+
+    def _prefill_group(
+        self, rows: list[RequestState], cached: int
+    ) -> tuple[torch.Tensor, list[list[float] | None]]:
+        """Prefill `rows` from position `cached` (KV before it is in their slots already), or,
+        with nothing cached, from a prefix the group shares (computed once) or from 0."""
         dev = self.device
-        prefix = shared_prefix_len(rows) if self.config.share_prompt_prefix else 0
-        if prefix:
-            self._prefill_prefix(rows, prefix)
+        prefix = cached
+        if not cached and self.config.share_prompt_prefix:
+            prefix = shared_prefix_len(rows)
+            if prefix:
+                self._prefill_prefix(rows, prefix)
         width = max(r.prompt_len for r in rows) - prefix
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):

@@ -28,6 +28,7 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     num_cached: int = 0  # positions of this request held in its KV slot
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     output_ids: list[int] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)

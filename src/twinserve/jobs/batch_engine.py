@@ -86,7 +86,7 @@ class EngineTarget:
         final = (await self._finals([(body.inputs, None)], [params], add_special_tokens=True))[0]
         answer = tgi.generate_response(final, params)
         dumped = answer.model_dump(mode="json", exclude={"details"} if answer.details is None else None)
-        return _outcome([dumped], [final], 1)
+        return _outcome([_same_on_every_run(dumped)], [final], 1)
 
     # ----------------------------------------------------------------- chat
     async def _chat(self, parsed: ParsedRecord, ids: RecordIds, defaults: dict[str, Any]) -> Outcome:
@@ -103,7 +103,7 @@ class EngineTarget:
             logprobs=bool(body.logprobs),
             n=n,
         )
-        return _outcome(answer.model_dump(mode="json"), finals, n)
+        return _outcome(_same_on_every_run(answer.model_dump(mode="json")), finals, n)
 
     # ---------------------------------------------------------- completions
     async def _completion(self, parsed: ParsedRecord, ids: RecordIds, defaults: dict[str, Any]) -> Outcome:
@@ -129,7 +129,7 @@ class EngineTarget:
             logprobs=body.logprobs is not None,
             n=n,
         )
-        return _outcome(answer.model_dump(mode="json"), finals, n)
+        return _outcome(_same_on_every_run(answer.model_dump(mode="json")), finals, n)
 
     # -------------------------------------------------------------- engine
     def _choices(self, prompts: int, n: int) -> int:
@@ -173,6 +173,19 @@ class EngineTarget:
             except OverloadedError:  # only when records hold more choices than the engine admits
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def _same_on_every_run(answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer without what the prefix cache served (`usage.prompt_tokens_details`, TGI's
+    `details.cached_tokens`): that depends on which records ran before on the same engine, and
+    a record's line must be the same bytes on a resume, a rerun or Ray Data's actors."""
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        usage.pop("prompt_tokens_details", None)
+    details = answer.get("details")
+    if isinstance(details, dict):
+        details.pop("cached_tokens", None)
+    return answer
 
 
 def _outcome(answer: Any, finals: list[TokenEvent], n: int) -> Outcome:

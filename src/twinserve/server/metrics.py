@@ -29,6 +29,10 @@ class EngineGauges:
 
     queue_size: int
     batch_size: int
+    prefix_queries: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_tokens_held: int = 0
 
 
 class _Counters(Collector):
@@ -65,9 +69,33 @@ class _Gauges(Collector):
         for name, doc, value in (
             ("tgi_queue_size", "Requests waiting for a batch slot.", gauges.queue_size),
             ("tgi_batch_current_size", "Requests in the running batch.", gauges.batch_size),
+            ("prefix_cache_tokens", "Tokens whose KV the prefix cache holds.", gauges.prefix_tokens_held),
+            (
+                "prefix_cache_hit_rate",
+                "Prompt tokens served from the prefix cache ÷ prompt tokens looked up, since start.",
+                gauges.prefix_hit_tokens / gauges.prefix_queried_tokens
+                if gauges.prefix_queried_tokens
+                else 0.0,
+            ),
         ):
             metric = Metric(name, doc, "gauge")
             metric.add_sample(name, {}, value)
+            yield metric
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prompts looked up in the prefix cache.", gauges.prefix_queries),
+            (
+                "prefix_cache_queried_tokens",
+                "Prompt tokens looked up in the prefix cache.",
+                gauges.prefix_queried_tokens,
+            ),
+            (
+                "prefix_cache_hit_tokens",
+                "Prompt tokens served from the prefix cache.",
+                gauges.prefix_hit_tokens,
+            ),
+        ):
+            metric = Metric(name, doc, "counter")
+            metric.add_sample(f"{name}_total", {}, value)
             yield metric
 
 

@@ -286,7 +286,17 @@ class ModelService:
         if self.engine is None:
             return None
         core = self.engine.engine
-        return EngineGauges(queue_size=core.num_waiting, batch_size=core.num_running)
+        cache = core.prefix_cache
+        if cache is None:
+            return EngineGauges(queue_size=core.num_waiting, batch_size=core.num_running)
+        return EngineGauges(
+            queue_size=core.num_waiting,
+            batch_size=core.num_running,
+            prefix_queries=cache.queries,
+            prefix_queried_tokens=cache.queried_tokens,
+            prefix_hit_tokens=cache.hit_tokens,
+            prefix_tokens_held=cache.tokens_held,
+        )
 
     def info(self) -> tgi.Info:
         engine = self.ready_engine()

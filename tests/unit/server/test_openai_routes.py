@@ -48,7 +48,16 @@ async def test_chat_stream_matches_the_unary_answer(client: httpx.AsyncClient) -
     assert (
         len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == unary["choices"][0]["finish_reason"]
     )
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == unary["usage"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    # the same prompt a second time: its KV comes from the prefix cache, the counts are the same
+    assert (
+        usage["prompt_tokens_details"]["cached_tokens"]
+        > unary["usage"]["prompt_tokens_details"]["cached_tokens"]
+    )
+    assert {k: v for k, v in usage.items() if k != "prompt_tokens_details"} == {
+        k: v for k, v in unary["usage"].items() if k != "prompt_tokens_details"
+    }
 
 
 async def test_chat_logprobs(client: httpx.AsyncClient) -> None:

@@ -298,10 +298,16 @@ class CompletionRequest(_SamplingFields):
 
 
 # ----------------------------------------------------------------- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (OpenAI's prompt caching field)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class TopLogprob(BaseModel):
@@ -430,8 +436,14 @@ def now() -> int:
 def usage_of(finals: Sequence[TokenEvent], n: int) -> Usage:
     """Each prompt's tokens once (not once per choice), every choice's completion tokens."""
     prompt = sum(f.details.prompt_tokens for f in finals[::n] if f.details is not None)
+    cached = sum(f.details.cached_tokens for f in finals[::n] if f.details is not None)
     completion = sum(f.details.generated_tokens for f in finals if f.details is not None)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 def chat_logprobs(final: TokenEvent) -> ChoiceLogprobs:

@@ -135,6 +135,7 @@ class Details(BaseModel):
     tokens: list[TokenOut] = Field(default_factory=list)
     top_tokens: list[list[TokenOut]] | None = None
     best_of_sequences: list[Any] | None = None
+    cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache (twinserve).")
 
 
 class GenerateResponse(BaseModel):
@@ -147,6 +148,7 @@ class StreamDetails(BaseModel):
     generated_tokens: int
     seed: int | None = None
     input_length: int
+    cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache (twinserve).")
 
 
 class StreamResponse(BaseModel):
@@ -244,6 +246,7 @@ def details_out(details: GenerationDetails, params: SamplingParams) -> Details:
         top_tokens=[[token_out(t) for t in top] for top in details.top_tokens]
         if params.top_n_tokens
         else None,
+        cached_tokens=details.cached_tokens,
     )
 
 
@@ -272,6 +275,7 @@ def stream_response(event: TokenEvent, index: int, params: SamplingParams) -> St
             generated_tokens=event.details.generated_tokens,
             seed=event.details.seed,
             input_length=event.details.prompt_tokens,
+            cached_tokens=event.details.cached_tokens,
         )
     return StreamResponse(
         index=index,

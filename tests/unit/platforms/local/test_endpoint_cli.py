@@ -75,7 +75,7 @@ def test_errors_exit_non_zero_with_a_message(home: Path, tmp_path: Path) -> None
     assert bad_name.exit_code == 2 and "invalid endpoint config" in bad_name.output
 
     unknown = runner.invoke(app, ["endpoint", "create", "x", "--model", "m", "--platform", "azure"])
-    assert unknown.exit_code == 2 and "local or sagemaker" in unknown.output
+    assert unknown.exit_code == 2 and "local, sagemaker or ray" in unknown.output
     stray = runner.invoke(app, ["endpoint", "create", "x", "--model", "m", "--instance-type", "ml.g5.xlarge"])
     assert stray.exit_code == 2 and "add --platform sagemaker" in stray.output
     assert runner.invoke(app, ["endpoint", "autoscale", "nope", "--off"]).exit_code == 1
