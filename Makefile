@@ -36,7 +36,7 @@ up: venv model
 # two workers, a test file each at a time: most tests wait on model processes starting, so two
 # files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -36,8 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The longest files first (seconds each in CI, 2026-12-02): two xdist workers take files in
-# collection order, and a long file taken last runs alone at the end (the Ray suite once added
-# 3 minutes that way). The rest keep their order.
+# this order (`make test` passes --no-loadscope-reorder, else xdist puts the files with the most
+# tests first), and a long file taken last runs alone at the end: the one-test Ray suite did,
+# adding 3 minutes. The rest keep their collection order.
 SLOW_FILES_FIRST = (
     "tests/test_ray_suite.py",  # ~200 s: its own pytest run of tests/ray inside `unshare -n`
     "tests/unit/platforms/local/test_operations.py",  # ~260 s

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -13,11 +14,12 @@ from twinserve.cli import bench_rag, bench_serve
 
 if TYPE_CHECKING:  # the engine bench pulls in torch: imported when that command runs
     from twinserve.bench.engine_bench import EngineBenchReport
+    from twinserve.bench.prefix_bench import PrefixBenchReport
 
 app = typer.Typer(
     help=(
         "Benchmarks: the engine against transformers (engine), a running endpoint under load (serve), "
-        "the RAG service in front of an LLM (rag)."
+        "the RAG service in front of an LLM (rag), the prefix cache on and off (prefix)."
     ),
     no_args_is_help=True,
 )
@@ -227,17 +229,113 @@ def endpoint_command(
                     f"{r.direct.ttft_ms_p50:.0f} ms",
                 )
             out.print(table)
-        summary = Table(title=f"endpoint benchmark ({report.config.model}, {report.cpu_count} cores)")
-        for column in ("measure", "value", "goal", ""):
-            summary.add_column(column)
-        for measure, value, goal, met in report.summary():
-            mark = "" if met is None else ("[green]meets[/green]" if met else "[red]misses[/red]")
-            summary.add_row(measure, value, goal, mark)
-        out.print(summary)
+        out.print(
+            _summary(
+                f"endpoint benchmark ({report.config.model}, {report.cpu_count} cores)", report.summary()
+            )
+        )
         for part, reason in report.errors.items():
             err.print(f"[red]{part} failed:[/red] {reason}", highlight=False)
     if report.errors:
         raise typer.Exit(1)
+
+
+@app.command("prefix")
+def prefix_command(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Registry reference or model folder (default: the default model)."
+    ),
+    dtype: str = typer.Option("auto", "--dtype"),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads of each server."),
+    only: list[str] = typer.Option(
+        [], "--only", help="chat or shared; repeatable or a comma list (default: both)."
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    conversations: int = typer.Option(8, "--conversations", min=1, help="Chat: conversations at once."),
+    turns: int = typer.Option(6, "--turns", min=1, help="Chat: turns per conversation."),
+    shared_requests: int = typer.Option(
+        32, "--shared-requests", min=1, help="Shared: requests per arrangement."
+    ),
+    wave_size: int = typer.Option(8, "--wave-size", min=1, help="Shared: requests per wave."),
+    context_tokens: int = typer.Option(600, "--context-tokens", min=16, help="Shared: passage tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """The prefix cache on and off, two servers side by side: multi-turn chat TTFT, shared-context prefill."""
+    from twinserve.bench.prefix_bench import PARTS, PrefixBenchConfig, run_prefix_bench
+
+    parts = [p.strip() for item in only for p in item.split(",") if p.strip()] or list(PARTS)
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if model is None:
+        model = str(_model_or_default(None))
+    elif not model.startswith("models:/") and Path(model).exists():
+        model = str(Path(model).resolve())
+    try:
+        cfg = PrefixBenchConfig.model_validate(
+            {
+                "model": model,
+                "dtype": dtype,
+                "threads": threads,
+                "parts": [p for p in PARTS if p in parts],
+                "max_new_tokens": max_new_tokens,
+                "conversations": conversations,
+                "turns": turns,
+                "shared_requests": shared_requests,
+                "wave_size": wave_size,
+                "context_tokens": context_tokens,
+            }
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with err.status("benchmarking …") as status:
+        report = run_prefix_bench(cfg, progress=lambda msg: status.update(f"benchmarking: {msg} …"))
+    if as_json:
+        out.print_json(report.model_dump_json())
+        return
+    _print_prefix_report(report)
+
+
+def _print_prefix_report(report: PrefixBenchReport) -> None:
+    if (chat := report.chat) is not None:
+        table = Table(title="multi-turn chat, TTFT per turn (with the prefix cache vs without)")
+        for column in ("turn", "first", "prompt tok", "cached", "p50 cache", "p50 none", "÷", "hit rate"):
+            table.add_column(column, justify="right")
+        for t in chat.turns:
+            table.add_row(
+                str(t.turn),
+                t.first,
+                str(t.cache.prompt_tokens),
+                str(t.cache.cached_tokens),
+                f"{t.cache.ttft_ms.p50:.0f} ms",
+                f"{t.no_cache.ttft_ms.p50:.0f} ms",
+                f"{t.cache.ttft_ms.p50 / t.no_cache.ttft_ms.p50:.2f}",
+                f"{t.cache.metrics.hit_rate:.0%}",
+            )
+        out.print(table)
+    if report.shared:
+        table = Table(title="shared context: prefill computed (prompt − cached tokens), TTFT, total time")
+        columns = "arrangement|context|prompt tok|computed cache|computed none|TTFT p50 cache|TTFT p50 none"
+        for column in (*columns.split("|"), "s cache", "s none"):
+            table.add_column(column, justify="left" if column == "arrangement" else "right")
+        for a in report.shared:
+            table.add_row(
+                a.name,
+                str(a.context_tokens),
+                str(a.cache.prompt_tokens),
+                f"{a.cache.computed_share:.0%}",
+                f"{a.no_cache.computed_share:.0%}",
+                f"{a.cache.ttft_ms.p50:.0f} ms",
+                f"{a.no_cache.ttft_ms.p50:.0f} ms",
+                f"{a.cache.seconds:.1f}",
+                f"{a.no_cache.seconds:.1f}",
+            )
+        out.print(table)
+    summary = _summary(
+        f"prefix cache benchmark ({report.config.model}, {report.cpu_count} cores)", report.summary()
+    )
+    out.print(summary)
+    for example in report.mismatch_examples:
+        err.print(f"[yellow]differs:[/yellow] {example}", highlight=False)
 
 
 @app.command("batch")
@@ -360,3 +458,14 @@ def _model_or_default(model: Path | None) -> Path:
     from twinserve.registry.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+def _summary(title: str, rows: list[tuple[str, str, str, bool | None]]) -> Table:
+    """A report's (measure, value, goal, met) rows, marked meets/misses where there is a goal."""
+    summary = Table(title=title)
+    for column in ("measure", "value", "goal", ""):
+        summary.add_column(column)
+    for measure, value, goal, met in rows:
+        mark = "" if met is None else ("[green]meets[/green]" if met else "[red]misses[/red]")
+        summary.add_row(measure, value, goal, mark)
+    return summary
