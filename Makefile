@@ -10,7 +10,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 # is a no-op. The editable install picks up new modules under src/ without a reinstall.
 STAMP  := $(VENV)/.twinserve-installed
 
-.PHONY: venv model up test lint clean-venv
+.PHONY: venv model up test test-ray lint clean-venv
 
 venv: $(STAMP)
 
@@ -36,7 +36,12 @@ up: venv model
 # two workers, a test file each at a time: most tests wait on model processes starting, so two
 # files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+
+# the Ray suite (tests/ray inside `unshare -n`, ~3.5 min of both cores): not in `make test`
+# while CI's 20 minutes have no room for it
+test-ray: venv
+	TWINSERVE_RAY_SUITE=1 $(BIN)/python -m pytest -q -p no:xdist -s tests/test_ray_suite.py
 
 lint: venv
 	$(BIN)/ruff check src tests
