@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# One torch thread per test process (pytest workers and the servers they start inherit it; an
+# engine given num_threads still takes that many): two xdist workers and their servers share
+# 2 cores, and torch ops on more threads than free cores pay futex wake-ups (docs/engine.md) that
+# made CPU-heavy tests take 3x longer beside the Ray suite.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Ray's tests run only inside a loopback-only network namespace, as their own pytest run
 # (tests/test_ray_suite.py starts it with TWINSERVE_RAY_NETNS=1)
 collect_ignore = [] if os.environ.get("TWINSERVE_RAY_NETNS") == "1" else ["ray"]
@@ -35,7 +41,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped where none is available")
 
 
+# The longest files first (seconds each on 2 cores, 2026-12-02): two xdist workers take files in
+# this order (`make test` passes --no-loadscope-reorder, else xdist puts the files with the most
+# tests first), and a long file taken last runs alone at the end: the one-test Ray suite did,
+# adding 3 minutes. The rest keep their collection order.
+SLOW_FILES_FIRST = (
+    "tests/test_ray_suite.py",  # ~220 s beside the rest (with TWINSERVE_RAY_SUITE=1, see the Makefile)
+    "tests/unit/platforms/local/test_operations.py",  # ~200 s
+    "tests/unit/platforms/local/test_async_endpoint.py",  # ~100 s
+    "tests/integration/test_rag_default_model.py",  # ~100 s
+    "tests/chaos/test_async_chaos.py",  # ~75 s
+    "tests/unit/platforms/local/test_endpoint_cli.py",  # ~70 s
+    "tests/integration/test_endpoint_default_model.py",  # ~60 s
+    "tests/integration/test_registry_default.py",  # ~55 s
+    "tests/unit/platforms/local/test_up_signals.py",  # ~50 s
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    path = item.path.relative_to(REPO_ROOT).as_posix()
+    return SLOW_FILES_FIRST.index(path) if path in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_slow_rank)  # stable: within a file and among the rest, collection order
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return  # don't pay for importing torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -47,14 +48,23 @@ def app_and_service(make_app: AppFactory) -> tuple[FastAPI, ModelService]:
     return make_app()
 
 
+@contextlib.contextmanager
+def serving_app(model: Path, **overrides: Any) -> Iterator[FastAPI]:
+    """The app over a launched engine of `model` (serve_config's limits, `overrides` on top)."""
+    config = serve_config(model, **overrides)
+    engine = AsyncEngine.launch(config.engine_config(str(model)), warmup=False)
+    service = ModelService(config, engine, ResolvedModel(model, str(model)))
+    try:
+        yield create_app(config, service)
+    finally:
+        service.shutdown()
+
+
 @pytest.fixture(scope="module")
 def shared_app(tiny_model_dir: Path) -> Iterator[FastAPI]:
     """One app for a whole module of tests that only send requests (building one costs ~0.3 s)."""
-    config = serve_config(tiny_model_dir)
-    engine = AsyncEngine.launch(config.engine_config(str(tiny_model_dir)), warmup=False)
-    service = ModelService(config, engine, ResolvedModel(tiny_model_dir, str(tiny_model_dir)))
-    yield create_app(config, service)
-    service.shutdown()
+    with serving_app(tiny_model_dir) as app:
+        yield app
 
 
 @pytest.fixture()

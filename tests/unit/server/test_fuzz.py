@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.unit.server.conftest import ROUTE_BODIES, assert_protocol_error
+from tests.unit.server.conftest import ROUTE_BODIES, assert_protocol_error, serving_app
 
 EXAMPLES = int(os.environ.get("TWINSERVE_FUZZ_EXAMPLES", "60"))
 
@@ -47,6 +49,14 @@ def without_lifespan(app: FastAPI) -> Any:
         await app(scope, receive, send)
 
     return asgi
+
+
+@pytest.fixture(scope="module")
+def shared_app(tiny_model_dir: Path) -> Iterator[FastAPI]:
+    """Short limits: a request without max_new_tokens generates up to max_total_tokens minus its
+    prompt, and generating was most of this module's time; every validation path is the same."""
+    with serving_app(tiny_model_dir, max_input_tokens=32, max_total_tokens=48) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

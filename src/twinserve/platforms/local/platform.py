@@ -237,8 +237,11 @@ class LocalPlatform:
             )
 
     # ------------------------------------------------------------ router and controller processes
-    def start_router(self, endpoint: Endpoint) -> None:
-        """Start the router; on the port of its recorded URL when that is free (the URL is stable)."""
+    def start_router(self, endpoint: Endpoint, *, with_replicas: bool = True) -> None:
+        """Start the router; on the port of its recorded URL when that is free (the URL is stable).
+
+        Waits until it routes to a healthy replica, or (`with_replicas=False`: replicas are yet
+        to be replaced) only until it serves."""
         port = reclaim_port(endpoint.url)
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
@@ -248,9 +251,8 @@ class LocalPlatform:
             name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
         )
         # scaled to zero (async), there is no replica to be healthy with: the router just has to serve
-        path = (
-            "/health" if any(endpoint.desired(v.name) for v in endpoint.config.variants) else "/router/live"
-        )
+        needs_replica = with_replicas and any(endpoint.desired(v.name) for v in endpoint.config.variants)
+        path = "/health" if needs_replica else "/router/live"
         if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None, path=path):
             return
         log_tail = tail_lines(self.endpoint_dir(name) / ROUTER_LOG, 20)
@@ -470,7 +472,7 @@ class LocalPlatform:
             started = self.start_replicas(
                 ep.config, [(ep.config.variant(variant), desired - len(live))], ep.generation, progress
             )
-            if ep.url is not None and started:
+            if ep.url is not None and started and self.router_alive(ep):  # a dead one would never see them
                 RouterClient(ep).wait_healthy([r.id for r in started], ROUTER_SEES_S)
         elif len(live) > desired:
             newest_first = sorted(live, key=lambda r: r.started_at, reverse=True)

@@ -71,12 +71,13 @@ class Reconciler:
         except BusyError:
             return actions
         try:
-            self._reconcile_replicas(ep, did)
-            ep = self.manager.store.get_endpoint(name)
+            # the router first: while it is down the endpoint's URL answers nothing, even with
+            # healthy replicas behind it, and replacing a replica takes a model load
             if not self.manager.router_alive(ep):
                 did("the router was down; restarting it")
-                self.manager.start_router(ep)
-                ep = self.manager.store.get_endpoint(name)
+                self.manager.start_router(ep, with_replicas=False)
+            self._reconcile_replicas(self.manager.store.get_endpoint(name), did)
+            ep = self.manager.store.get_endpoint(name)
             if not self.manager.job_service.alive(ep):
                 did("the job service was down; restarting it")
                 self.manager.start_job_service(ep)
