@@ -54,6 +54,8 @@ def get_settings() -> Settings:
 # ~250 ms of prefill for a 135M model on 2 AVX-512/AMX cores: a burst's first half gets its
 # first token within one such pass, and a running stream never stalls much longer
 CPU_PREFILL_STEP_TOKENS = 768
+# the most draft tokens one verifying pass checks per row (prompt-lookup speculation)
+MAX_SPECULATE = 16
 
 
 class EngineConfig(BaseModel):
@@ -90,6 +92,16 @@ class EngineConfig(BaseModel):
         description=(
             "Prefill the prompt prefix a prefill group shares (a system prompt, a chat header) "
             "once and copy its KV to every row, instead of computing it per row."
+        ),
+    )
+    speculate: int = Field(
+        0,
+        ge=0,
+        le=MAX_SPECULATE,
+        description=(
+            "Prompt-lookup speculative decoding: draft up to this many tokens per step from the "
+            "request's own prompt and answer, verify them in one pass and keep those the model "
+            "agrees with (greedy rows only; output unchanged). 0 = off."
         ),
     )
     prefix_cache: bool = Field(
@@ -217,6 +229,13 @@ class ServeConfig(BaseSettings):
     share_prompt_prefix: bool = Field(
         True, validation_alias=_env("TWINSERVE_SHARE_PROMPT_PREFIX"), description="See EngineConfig."
     )
+    speculate: int = Field(
+        0,
+        ge=0,
+        le=MAX_SPECULATE,
+        validation_alias=_env("TWINSERVE_SPECULATE", "SPECULATE"),
+        description="Draft tokens per step from prompt lookup (see EngineConfig); 0 = off.",
+    )
     prefix_cache: bool = Field(
         True,
         validation_alias=_env("TWINSERVE_PREFIX_CACHE", "PREFIX_CACHING", "USE_PREFIX_CACHING"),
@@ -329,6 +348,7 @@ class ServeConfig(BaseSettings):
             prefill_step_tokens=self.prefill_step_tokens,
             share_prompt_prefix=self.share_prompt_prefix,
             prefix_cache=self.prefix_cache,
+            speculate=self.speculate,
             max_batch_size=self.max_batch_size,
             max_concurrent_requests=self.max_concurrent_requests,
             validation_workers=self.validation_workers,

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from twinserve.cli import bench_rag, bench_serve
+from twinserve.cli import bench_rag, bench_serve, bench_speculate
 
 if TYPE_CHECKING:  # the engine bench pulls in torch: imported when that command runs
     from twinserve.bench.engine_bench import EngineBenchReport
@@ -19,12 +19,14 @@ if TYPE_CHECKING:  # the engine bench pulls in torch: imported when that command
 app = typer.Typer(
     help=(
         "Benchmarks: the engine against transformers (engine), a running endpoint under load (serve), "
-        "the RAG service in front of an LLM (rag), the prefix cache on and off (prefix)."
+        "the RAG service in front of an LLM (rag), the prefix cache on and off (prefix), prompt-lookup "
+        "speculation on and off (speculate)."
     ),
     no_args_is_help=True,
 )
 app.command("serve")(bench_serve.serve_command)
 app.command("rag")(bench_rag.rag_command)
+app.command("speculate")(bench_speculate.speculate_command)
 out = Console()
 err = Console(stderr=True)
 

@@ -64,6 +64,12 @@ def serve_command(
         "--prefix-cache/--no-prefix-cache",
         help="Reuse earlier prompts' KV for prompts that start the same way (default on). Env: PREFIX_CACHING.",
     ),
+    speculate: int | None = typer.Option(
+        None,
+        "--speculate",
+        help="Draft up to N tokens per step from the prompt and answer so far (prompt lookup), "
+        "verified in one pass; greedy requests only, output unchanged (default 0, off). Env: SPECULATE.",
+    ),
 ) -> None:
     """Serve a model over HTTP until SIGTERM (then drain in-flight requests and exit 0)."""
     flags: dict[str, Any] = {
@@ -86,6 +92,7 @@ def serve_command(
         "log_format": log_format,
         "log_prompts": log_prompts,
         "prefix_cache": prefix_cache,
+        "speculate": speculate,
     }
     try:
         config = ServeConfig(**{k: v for k, v in flags.items() if v is not None})

@@ -36,9 +36,10 @@ from twinserve.engine.request import (
     Token,
     TokenEvent,
 )
-from twinserve.engine.runner import Runner, RunnerOutput
+from twinserve.engine.runner import Runner, RunnerOutput, SpeculationStats
 from twinserve.engine.sampling import SamplingState
 from twinserve.engine.scheduler import Scheduler
+from twinserve.engine.speculation import PromptLookup
 from twinserve.engine.state import RequestState
 from twinserve.engine.stop import StopSequenceMatcher
 from twinserve.errors import (
@@ -114,6 +115,12 @@ class Engine:
         """The runner's cross-request prefix cache (None when it is off)."""
         cache = getattr(self.runner, "prefix", None)
         return cache if isinstance(cache, PrefixCache) else None
+
+    @property
+    def speculation(self) -> SpeculationStats | None:
+        """Drafted and accepted tokens (None when speculation is off or the runner has none)."""
+        stats = getattr(self.runner, "speculation", None)
+        return stats if self.config.speculate and isinstance(stats, SpeculationStats) else None
 
     def tokenize(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
@@ -203,6 +210,7 @@ class Engine:
             stop=StopSequenceMatcher(params.stop, include_stop=params.include_stop_str_in_output)
             if params.stop
             else None,
+            lookup=PromptLookup(ids) if cfg.speculate and not params.is_sampling else None,
         )
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
@@ -357,7 +365,7 @@ class Engine:
     def _update(self, rows: list[RequestState], out: RunnerOutput, *, prefill: bool) -> list[TokenEvent]:
         now = time.monotonic()
         # cached lengths first: finishing a row moves another row's slot, and the move
-        # must copy the position this step just wrote
+        # must copy the positions this step just wrote (accepted drafts included)
         for i, state in enumerate(rows):
             if prefill:
                 state.num_cached = state.prompt_len
@@ -366,8 +374,17 @@ class Engine:
                 if logprobs is not None:
                     state.prefill_tokens = self._prefill_tokens(state, logprobs)
             else:
-                state.num_cached += 1
-        return [self._append_token(state, out, i) for i, state in enumerate(rows)]
+                state.num_cached += 1 + len(out.accepted_of(i))
+        events: list[TokenEvent] = []
+        for i, state in enumerate(rows):
+            event = self._append_token(state, out.token_ids[i], out.logprobs[i], out.top_tokens[i])
+            events.append(event)
+            for extra in out.accepted_of(i):  # drafts the model agreed with, until the row ends
+                if event.finished:
+                    break
+                event = self._append_token(state, extra.id, extra.logprob, extra.top)
+                events.append(event)
+        return events
 
     def _prefill_tokens(self, state: RequestState, logprobs: list[float]) -> list[Token]:
         return [self._token(t, None if j == 0 else logprobs[j - 1]) for j, t in enumerate(state.prompt_ids)]
@@ -378,12 +395,15 @@ class Engine:
             id=token_id, text=texts.text(token_id), logprob=logprob, special=texts.is_special(token_id)
         )
 
-    def _append_token(self, state: RequestState, out: RunnerOutput, i: int) -> TokenEvent:
-        tid = out.token_ids[i]
+    def _append_token(
+        self, state: RequestState, tid: int, logprob: float, alternatives: list[tuple[int, float]]
+    ) -> TokenEvent:
         state.output_ids.append(tid)
         state.sampling.append(tid)
-        token = self._token(tid, out.logprobs[i])
-        top = [self._token(t, lp) for t, lp in out.top_tokens[i]]
+        if state.lookup is not None:
+            state.lookup.append(tid)
+        token = self._token(tid, logprob)
+        top = [self._token(t, lp) for t, lp in alternatives]
         state.tokens.append(token)
         state.top_tokens.append(top)
         assert state.detokenizer is not None

@@ -16,19 +16,34 @@ from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.loader import LoadedModel
 from twinserve.engine.models.llama import ForwardBatch
 from twinserve.engine.prefix_cache import MIN_HIT_TOKENS, PrefixCache
-from twinserve.engine.sampling import sample
+from twinserve.engine.sampling import fast_argmax, sample, top_tokens
 from twinserve.engine.scheduler import SlotMove
+from twinserve.engine.speculation import accepted_length
 from twinserve.engine.state import RequestState
+
+
+@dataclass(frozen=True)
+class AcceptedToken:
+    """A drafted token the model agreed with: its id, logprob and top alternatives."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class RunnerOutput:
-    """Per row: sampled token, its logprob, top alternatives; prompt logprobs where asked (prefill)."""
+    """Per row: sampled token, its logprob, top alternatives; prompt logprobs where asked
+    (prefill); the accepted drafted tokens that follow the sampled one (speculative decode)."""
 
     token_ids: list[int]
     logprobs: list[float]
     top_tokens: list[list[tuple[int, float]]]
     prompt_logprobs: list[list[float] | None] = field(default_factory=list)
+    accepted: list[list[AcceptedToken]] = field(default_factory=list)
+
+    def accepted_of(self, row: int) -> list[AcceptedToken]:
+        return self.accepted[row] if self.accepted else []
 
     @staticmethod
     def concat(outputs: list[RunnerOutput]) -> RunnerOutput:
@@ -38,7 +53,21 @@ class RunnerOutput:
             logprobs=[lp for o in outputs for lp in o.logprobs],
             top_tokens=[top for o in outputs for top in o.top_tokens],
             prompt_logprobs=[p for o in outputs for p in (o.prompt_logprobs or [None] * len(o.token_ids))],
+            accepted=[o.accepted_of(i) for o in outputs for i in range(len(o.token_ids))],
         )
+
+
+@dataclass
+class SpeculationStats:
+    """Drafted and accepted tokens since start (what /metrics reports)."""
+
+    steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+# the largest batch that verifies drafts; larger ones decode one token per row (see _drafts)
+SPECULATION_MAX_BATCH = 4
 
 
 class Runner(Protocol):
@@ -68,6 +97,9 @@ class ModelRunner:
             shape.num_layers, shape.num_kv_heads, shape.head_dim, self.model.act_dtype, self.device
         )
         self.prefix = PrefixCache() if config.prefix_cache else None
+        self.speculation = SpeculationStats()
+        # drafted tokens per step: config.speculate; a benchmark sets it to 0 for its baseline
+        self.speculate = config.speculate
 
     # --------------------------------------------------------------- cache
     def prepare_cache(self, slots: int, capacity: int, live_slots: int) -> None:
@@ -80,7 +112,8 @@ class ModelRunner:
     def retain(self, state: RequestState) -> None:
         """Keep a finishing request's KV (its prompt and the answer written so far) for later
         prompts that start with it, within what the slot cache leaves of the KV budget."""
-        n = state.num_cached
+        # a row that stopped inside an accepted run of drafts has KV beyond its last kept token
+        n = min(state.num_cached, state.prompt_len + len(state.output_ids) - 1)
         if self.prefix is None or state.slot < 0 or n < MIN_HIT_TOKENS or self.cache.slots == 0:
             return
         room = self.config.max_batch_total_tokens - self.cache.slots * self.cache.capacity
@@ -98,6 +131,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------- forward
     def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput:
+        drafts = None if prefill else self._drafts(rows)
+        if drafts is not None:
+            return self._verify(rows, drafts)
         if prefill:
             logits, prompt_logprobs = self._prefill(rows)
         else:
@@ -109,6 +145,90 @@ class ModelRunner:
             top_tokens=result.top_tokens,
             prompt_logprobs=prompt_logprobs,
         )
+
+    # --------------------------------------------------------- speculation
+    def _drafts(self, rows: list[RequestState]) -> list[list[int]] | None:
+        """Each row's drafted tokens (prompt lookup), or None when no row has any.
+
+        Only small batches speculate: a verifying pass computes every drafted position, which
+        is nearly free while a step is bound by reading the weights (a few rows) and a loss once
+        it is bound by compute. Rows keep their positions within the cache's capacity.
+        """
+        n = self.speculate
+        if not n or len(rows) > SPECULATION_MAX_BATCH:
+            return None
+        room = self.cache.capacity - 1 - max(r.num_cached for r in rows)  # the padded width fits every row
+        limit = min(n, room)
+        if limit <= 0:
+            return None
+        drafts: list[list[int]] = []
+        for r in rows:
+            left = r.max_new_tokens - len(r.output_ids) - 1  # tokens still allowed after this step's first
+            if r.lookup is None or left <= 0 or not r.sampling.is_plain_greedy:
+                drafts.append([])
+            else:
+                drafts.append(r.lookup.propose(min(limit, left)))
+        return drafts if any(drafts) else None
+
+    def _verify(self, rows: list[RequestState], drafts: list[list[int]]) -> RunnerOutput:
+        """One pass over each row's last token and its drafts; sample the first position as
+        plain decoding does, then keep the drafts the greedy tokens agree with."""
+        dev = self.device
+        n, width = len(rows), 1 + max(len(d) for d in drafts)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for i, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            ids[i, : 1 + len(d)] = torch.tensor([r.last_token_id, *d], dtype=torch.long)
+        # a row with fewer drafts computes pad tokens at the positions after them: their K/V
+        # lands beyond what the row keeps, which no query reads before it is written again
+        positions = torch.tensor([r.num_cached for r in rows], dtype=torch.long)[:, None] + torch.arange(
+            width
+        )
+        attn_len = int(positions.max()) + 1
+        mask = (torch.arange(attn_len) <= positions[..., None])[:, None]
+        slots = [r.slot for r in rows]
+        batch = ForwardBatch(
+            input_ids=ids.to(dev),
+            positions=positions.to(dev),
+            slots=torch.tensor(slots, dtype=torch.long).to(dev),
+            is_prefill=False,
+            attn_len=attn_len,
+            decode_mask=mask.to(dev),
+            slots_contiguous=slots == list(range(n)),
+        )
+        logits = self.model.forward(batch, self.cache).view(n, width, -1)
+        first = sample(logits[:, 0], [r.sampling for r in rows], [r.top_n for r in rows])
+        greedy = fast_argmax(logits.reshape(n * width, -1)).view(n, width).tolist()
+        accepted: list[list[AcceptedToken]] = []
+        stats = self.speculation
+        stats.steps += 1
+        for i, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            if not d:
+                accepted.append([])
+                continue
+            kept = accepted_length(d, [first.token_ids[i], *greedy[i][1:]])
+            stats.draft_tokens += len(d)
+            stats.accepted_tokens += kept
+            accepted.append(self._accepted_tokens(logits[i, 1 : 1 + kept], greedy[i][1 : 1 + kept], r.top_n))
+        return RunnerOutput(
+            token_ids=first.token_ids,
+            logprobs=first.logprobs,
+            top_tokens=first.top_tokens,
+            prompt_logprobs=[None] * n,
+            accepted=accepted,
+        )
+
+    @staticmethod
+    def _accepted_tokens(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[AcceptedToken]:
+        """Logprobs and alternatives of accepted tokens, as `sample` reports a plain greedy row's."""
+        if not token_ids:
+            return []
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None]).squeeze(1)
+        tops = top_tokens(logprobs, [top_n] * len(token_ids))
+        return [
+            AcceptedToken(id=t, logprob=lp, top=top)
+            for t, lp, top in zip(token_ids, chosen.tolist(), tops, strict=True)
+        ]
 
     def _decode(self, rows: list[RequestState]) -> torch.Tensor:
         dev = self.device

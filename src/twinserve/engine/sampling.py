@@ -138,6 +138,18 @@ class SamplingState:
             self._stop_id_tensor is not None and bool(self.stop_ids) and self.num_generated < self.min_tokens
         )
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy on the raw logits (no penalty, no ban): the argmax of the model's logits is
+        the token, at any position of a verifying pass (what speculative decoding needs)."""
+        return not (
+            self.is_sampling
+            or self.bans_stop_tokens
+            or self._seen_ids is not None
+            or self._generated_ids is not None
+            or self._present_ids is not None
+        )
+
     def draw_uniform(self) -> float:
         """The next U[0, 1) number of this request's own random stream."""
         if self.generator is None:
@@ -205,7 +217,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState], top_n: list[int]) 
     return SampleResult(
         token_ids=token_ids.tolist(),
         logprobs=chosen.tolist(),
-        top_tokens=_top_tokens(logprobs, top_n),
+        top_tokens=top_tokens(logprobs, top_n),
     )
 
 
@@ -415,7 +427,7 @@ def _inverse_cdf(logprobs: torch.Tensor, states: list[SamplingState], fallback: 
     return torch.where(possible, drawn, fallback.unsqueeze(1)).squeeze(1)
 
 
-def _top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> list[list[tuple[int, float]]]:
+def top_tokens(logprobs: torch.Tensor, top_n: list[int]) -> list[list[tuple[int, float]]]:
     out: list[list[tuple[int, float]]] = [[] for _ in top_n]
     rows = [i for i, n in enumerate(top_n) if n > 0]
     if not rows:

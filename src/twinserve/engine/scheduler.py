@@ -121,8 +121,18 @@ class Scheduler:
     def cache_plan(self, slots: int, capacity: int) -> tuple[int, int] | None:
         """Cache size to allocate for this demand, or None if it exceeds the KV budget.
 
-        Sizes are rounded up (fewer reallocations) only while the rounded size still fits.
+        With speculation, each row gets `speculate` positions of room beyond what it reserved
+        (a verifying pass writes the drafts' K/V there) where that still fits; it never keeps
+        a request out. Sizes are rounded up (fewer reallocations) only while they still fit.
         """
+        lookahead = self.config.speculate
+        if lookahead:
+            plan = self._plan(slots, capacity + lookahead)
+            if plan is not None:
+                return plan
+        return self._plan(slots, capacity)
+
+    def _plan(self, slots: int, capacity: int) -> tuple[int, int] | None:
         budget = self.config.max_batch_total_tokens
         if slots * capacity > budget:
             return None

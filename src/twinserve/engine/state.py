@@ -11,6 +11,7 @@ from twinserve.engine.request import GenerateRequest, RequestStatus, Token
 if TYPE_CHECKING:
     from twinserve.engine.detokenizer import IncrementalDetokenizer
     from twinserve.engine.sampling import SamplingState
+    from twinserve.engine.speculation import PromptLookup
     from twinserve.engine.stop import StopSequenceMatcher
 
 
@@ -25,6 +26,7 @@ class RequestState:
     seed: int | None
     detokenizer: IncrementalDetokenizer | None = None
     stop: StopSequenceMatcher | None = None
+    lookup: PromptLookup | None = None  # the n-gram index drafts come from (speculation on)
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
     num_cached: int = 0  # positions of this request held in its KV slot

@@ -33,6 +33,9 @@ class EngineGauges:
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
     prefix_tokens_held: int = 0
+    speculation_steps: int = 0
+    speculation_draft_tokens: int = 0
+    speculation_accepted_tokens: int = 0
 
 
 class _Counters(Collector):
@@ -77,6 +80,13 @@ class _Gauges(Collector):
                 if gauges.prefix_queried_tokens
                 else 0.0,
             ),
+            (
+                "speculation_acceptance_rate",
+                "Drafted tokens the model accepted ÷ tokens drafted (prompt lookup), since start.",
+                gauges.speculation_accepted_tokens / gauges.speculation_draft_tokens
+                if gauges.speculation_draft_tokens
+                else 0.0,
+            ),
         ):
             metric = Metric(name, doc, "gauge")
             metric.add_sample(name, {}, value)
@@ -92,6 +102,17 @@ class _Gauges(Collector):
                 "prefix_cache_hit_tokens",
                 "Prompt tokens served from the prefix cache.",
                 gauges.prefix_hit_tokens,
+            ),
+            ("speculation_steps", "Decode steps that verified drafted tokens.", gauges.speculation_steps),
+            (
+                "speculation_draft_tokens",
+                "Tokens drafted by prompt lookup and verified.",
+                gauges.speculation_draft_tokens,
+            ),
+            (
+                "speculation_accepted_tokens",
+                "Drafted tokens the model agreed with (each one a decode step saved).",
+                gauges.speculation_accepted_tokens,
             ),
         ):
             metric = Metric(name, doc, "counter")

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from twinserve import __version__
@@ -286,17 +287,25 @@ class ModelService:
         if self.engine is None:
             return None
         core = self.engine.engine
+        gauges = EngineGauges(queue_size=core.num_waiting, batch_size=core.num_running)
         cache = core.prefix_cache
-        if cache is None:
-            return EngineGauges(queue_size=core.num_waiting, batch_size=core.num_running)
-        return EngineGauges(
-            queue_size=core.num_waiting,
-            batch_size=core.num_running,
-            prefix_queries=cache.queries,
-            prefix_queried_tokens=cache.queried_tokens,
-            prefix_hit_tokens=cache.hit_tokens,
-            prefix_tokens_held=cache.tokens_held,
-        )
+        if cache is not None:
+            gauges = replace(
+                gauges,
+                prefix_queries=cache.queries,
+                prefix_queried_tokens=cache.queried_tokens,
+                prefix_hit_tokens=cache.hit_tokens,
+                prefix_tokens_held=cache.tokens_held,
+            )
+        spec = core.speculation
+        if spec is not None:
+            gauges = replace(
+                gauges,
+                speculation_steps=spec.steps,
+                speculation_draft_tokens=spec.draft_tokens,
+                speculation_accepted_tokens=spec.accepted_tokens,
+            )
+        return gauges
 
     def info(self) -> tgi.Info:
         engine = self.ready_engine()

@@ -90,9 +90,12 @@ class ForwardBatch:
     """What one forward pass needs to know about the rows it computes.
 
     Decode: `input_ids` [B], one token per row at `positions` [B] in cache slot `slots` [B],
-    `attn_len` = max(positions) + 1. Prefill: `input_ids` [n, L] right-padded, row i holds
-    `lengths[i]` real tokens at positions prefix_len..prefix_len+lengths[i]-1 and writes slot
-    `slots[i]`; positions below `prefix_len` are already in every row's slot (a shared prefix).
+    `attn_len` = max(positions) + 1. Verify (speculative decoding): `input_ids` [B, W], row i's
+    tokens at `positions[i]` = its own consecutive positions, each attending causally up to
+    itself through `decode_mask` [B, 1, W, attn_len]. Prefill: `input_ids` [n, L] right-padded,
+    row i holds `lengths[i]` real tokens at positions prefix_len..prefix_len+lengths[i]-1 and
+    writes slot `slots[i]`; positions below `prefix_len` are already in every row's slot (a
+    shared prefix).
     """
 
     input_ids: torch.Tensor
@@ -100,10 +103,15 @@ class ForwardBatch:
     slots: torch.Tensor
     is_prefill: bool
     attn_len: int
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, attn_len] bool, True = attend
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1 or W, attn_len] bool, True = attend
     lengths: torch.Tensor | None = None  # prefill only
     slots_contiguous: bool = False  # decode rows are slots 0..B-1 in order
     prefix_len: int = 0  # prefill only: cached positions the new tokens continue from
+
+    @property
+    def is_verify(self) -> bool:
+        """Several tokens per row at each row's own positions (drafted tokens to check)."""
+        return not self.is_prefill and self.input_ids.dim() == 2
 
 
 class LlamaModel:
@@ -309,6 +317,8 @@ class LlamaModel:
         window: SlidingWindow | None,
     ) -> torch.Tensor:
         s = self.shape
+        if batch.is_verify:
+            return self._verify_attention(batch, cache, layer, q, k, v, window)
         k_cache, v_cache = cache.layer(layer)
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
@@ -326,6 +336,38 @@ class LlamaModel:
         qg = q.reshape(bsz, s.num_kv_heads, group, s.head_dim)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.reshape(bsz, s.num_heads * s.head_dim)
+
+    def _verify_attention(
+        self,
+        batch: ForwardBatch,
+        cache: SlotKVCache,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: SlidingWindow | None,
+    ) -> torch.Tensor:
+        """W tokens per row, each at its row's own position: write their K/V where they sit,
+        then attend over the row's cache with the per-row causal mask."""
+        s = self.shape
+        n, width = batch.input_ids.shape
+        k_cache, v_cache = cache.layer(layer)
+        # [n, 1] with [n, W] index the slot and position dims: the values are [n, W, kv_heads, head_dim]
+        where = (batch.slots[:, None], slice(None), batch.positions)
+        k_cache[where] = k.reshape(n, width, s.num_kv_heads, s.head_dim)
+        v_cache[where] = v.reshape(n, width, s.num_kv_heads, s.head_dim)
+        start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
+        if batch.slots_contiguous:
+            keys = k_cache[:n, :, start : batch.attn_len]
+            values = v_cache[:n, :, start : batch.attn_len]
+        else:
+            keys = k_cache[batch.slots, :, start : batch.attn_len]
+            values = v_cache[batch.slots, :, start : batch.attn_len]
+        q4 = q.reshape(n, width, s.num_heads, s.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q4, keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
+        )
+        return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
     def _prefill_attention(
         self,
@@ -397,20 +439,20 @@ class SlidingWindow:
 def _key_mask(batch: ForwardBatch, window: int | None) -> torch.Tensor:
     """Causal mask over absolute positions (within `window` if given), True = attend.
 
-    Decode: [B, 1, 1, attn_len], one query per row at its own position. Prefill: [width, attn_len]
-    for the queries at positions prefix_len.. that every row shares.
+    Decode: [B, 1, 1, attn_len], one query per row at its own position; verify: [B, 1, W, attn_len].
+    Prefill: [width, attn_len] for the queries at positions prefix_len.. that every row shares.
     """
     device = batch.positions.device
-    keys = torch.arange(batch.attn_len, device=device)[None, :]
+    keys = torch.arange(batch.attn_len, device=device)
     if batch.is_prefill:
         width = batch.input_ids.shape[1]
-        queries = torch.arange(width, device=device)[:, None] + batch.prefix_len
+        queries = (torch.arange(width, device=device) + batch.prefix_len)[:, None]
     else:
-        queries = batch.positions[:, None]
+        queries = batch.positions.reshape(batch.positions.shape[0], -1)[..., None]  # [B, W, 1]
     mask = keys <= queries
     if window is not None:
         mask &= keys > queries - window
-    return mask if batch.is_prefill else mask[:, None, None, :]
+    return mask if batch.is_prefill else mask[:, None]
 
 
 def _expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
