@@ -323,13 +323,7 @@ class LlamaModel:
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
         bsz = q.shape[0]
-        start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
-        if batch.slots_contiguous:  # a view: no gather of the cache
-            keys = k_cache[:bsz, :, start : batch.attn_len]
-            values = v_cache[:bsz, :, start : batch.attn_len]
-        else:
-            keys = k_cache[batch.slots, :, start : batch.attn_len]
-            values = v_cache[batch.slots, :, start : batch.attn_len]
+        keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
         # GQA at decode: the query heads of one KV head act as a short query sequence,
         # so no K/V repeat is needed.
         group = s.num_heads // s.num_kv_heads
@@ -356,13 +350,7 @@ class LlamaModel:
         where = (batch.slots[:, None], slice(None), batch.positions)
         k_cache[where] = k.reshape(n, width, s.num_kv_heads, s.head_dim)
         v_cache[where] = v.reshape(n, width, s.num_kv_heads, s.head_dim)
-        start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
-        if batch.slots_contiguous:
-            keys = k_cache[:n, :, start : batch.attn_len]
-            values = v_cache[:n, :, start : batch.attn_len]
-        else:
-            keys = k_cache[batch.slots, :, start : batch.attn_len]
-            values = v_cache[batch.slots, :, start : batch.attn_len]
+        keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
         q4 = q.reshape(n, width, s.num_heads, s.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q4, keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
@@ -434,6 +422,21 @@ class SlidingWindow:
 
     start: int
     mask: torch.Tensor | None
+
+
+def _decode_keys(
+    batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, window: SlidingWindow | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The cached keys and values decode (or verify) rows attend to, and the mask over them."""
+    start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
+    rows = batch.slots.shape[0]
+    if batch.slots_contiguous:  # a view: no gather of the cache
+        return k_cache[:rows, :, start : batch.attn_len], v_cache[:rows, :, start : batch.attn_len], mask
+    return (
+        k_cache[batch.slots, :, start : batch.attn_len],
+        v_cache[batch.slots, :, start : batch.attn_len],
+        mask,
+    )
 
 
 def _key_mask(batch: ForwardBatch, window: int | None) -> torch.Tensor:
