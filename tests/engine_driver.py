@@ -12,8 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from twinserve.engine.engine import Engine
 from twinserve.engine.kv_cache import SlotKVCache
-from twinserve.engine.models.llama import ForwardBatch, LlamaModel
+from twinserve.engine.models.architecture import ModelShape, rope_parameters
+from twinserve.engine.models.llama import ForwardBatch, LlamaModel, _rope_parameters
 from twinserve.engine.request import GenerateRequest, SamplingParams, TokenEvent
+
+
+def built_from(config: object) -> tuple[ModelShape, dict[str, object], list[float], float, object]:
+    """What the engine builds its forward pass from: shape, RoPE settings, frequencies, scaling, EOS."""
+    shape = ModelShape.from_config(config)
+    inv_freq, scaling = _rope_parameters(config, torch.device("cpu"))
+    return shape, rope_parameters(config), inv_freq.tolist(), scaling, getattr(config, "eos_token_id", None)
 
 
 def run(engine: Engine, requests: list[GenerateRequest], join_every: int = 0) -> dict[str, list[TokenEvent]]:

@@ -23,7 +23,7 @@ import httpx
 
 from twinserve.errors import ModelLoadError
 
-_SERVE = [sys.executable, "-c", "from twinserve.cli.main import app; app()", "serve"]
+_SERVE = [sys.executable, "-c", "from twinserve.cli.serve import replica_app; replica_app()", "serve"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
-from tests.engine_driver import greedy, hf_greedy, run, token_ids
+from tests.engine_driver import built_from, greedy, hf_greedy, run, token_ids
 from tests.factories import FAMILIES, engine_config, family_model_dir
 from twinserve.engine.factory import build_engine
+from twinserve.engine.loader import load_model
 from twinserve.engine.models.architecture import ModelShape
+from twinserve.engine.models.checkpoint_config import read_checkpoint_config
 
 # the first three share a 30-token prefix: batched alone they take the shared-prefix prefill
 PREFIX = "once upon a time there was a dragon and a knight, to be or not to be, that is the question of"
@@ -62,10 +64,18 @@ def test_greedy_equals_transformers_generate_fp32(family_dir: Path) -> None:
             assert token_ids(shared[f"p{i}"]) == expected[p], p
 
 
+def test_the_engine_reads_the_config_and_tokenizer_as_transformers_does(family_dir: Path) -> None:
+    assert built_from(read_checkpoint_config(family_dir)) == built_from(
+        AutoConfig.from_pretrained(family_dir)
+    )
+    ours = load_model(engine_config(family_dir)).tokenizer
+    assert type(ours) is type(AutoTokenizer.from_pretrained(family_dir))
+
+
 def test_planner_and_engine_agree_on_the_shape(family_dir: Path) -> None:
     from twinserve.planner.model_shape import from_folder
 
-    engine_shape = ModelShape.from_config(AutoConfig.from_pretrained(family_dir))
+    engine_shape = ModelShape.from_config(read_checkpoint_config(family_dir))
     planned = from_folder(family_dir)
     assert (
         planned.num_layers,

@@ -175,7 +175,7 @@ def test_an_untied_checkpoint_without_its_lm_head_is_refused(checkpoint: Path) -
             "rope_type 'longrope'",
         ),
         ({"layer_types": ["full_attention", "chunked_attention"]}, "layer type 'chunked_attention'"),
-        ({"layer_types": ["full_attention"]}, "`layer_types` (1)"),
+        ({"layer_types": ["full_attention"]}, "layer_types names 1 layers"),
         ({"sliding_window": 0}, "sliding_window 0"),
     ],
 )

@@ -23,6 +23,7 @@ from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.layers import Linear, make_linear
 from twinserve.engine.memory import trim_heap
 from twinserve.engine.models.architecture import ModelShape, rope_parameters
+from twinserve.engine.models.checkpoint_config import CheckpointConfig
 from twinserve.errors import ModelLoadError
 
 
@@ -495,6 +496,8 @@ def _rope_parameters(config: Any, device: torch.device) -> tuple[torch.Tensor, f
     rope = rope_parameters(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
+        if isinstance(config, CheckpointConfig):  # transformers' functions take its own config class
+            config = config.transformers_config()
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)  # on the CPU, as transformers does
         return inv_freq.to(device), float(scaling)
     # LlamaRotaryEmbedding.compute_default_rope_parameters (Mistral's and Qwen2's are the same)
