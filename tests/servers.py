@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import uvicorn
 
 from tests.factories import SMALL_LIMITS
 from twinserve.config import ServeConfig
+from twinserve.deploy.lease import OperationHolder, this_host, utcnow
 from twinserve.server.app import create_app
 from twinserve.server.process import ServerProcess, free_port, wait_until_healthy
 from twinserve.server.service import ModelService
@@ -81,6 +84,15 @@ def process_server(
         yield server
     finally:
         server.kill()
+
+
+def dead_holder() -> OperationHolder:
+    """The lease holder of a process that ran and exited: an interrupted operation's."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return OperationHolder(
+        host=this_host(), pid=proc.pid, started=0.0, expires_at=utcnow() + timedelta(hours=1)
+    )
 
 
 def process_gone(pid: int) -> bool:

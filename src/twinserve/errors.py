@@ -106,6 +106,19 @@ class BusyError(ConflictError):
     error_type = "busy"
 
 
+class InterruptedOperationError(BusyError):
+    """The operation holding the thing was interrupted (its process died): recover it, then retry."""
+
+    error_type = "interrupted"
+
+
+class PortTakenError(ConflictError):
+    """A port an endpoint's URL names is held by another process: restarting there is impossible,
+    and moving would silently change the URL its clients use."""
+
+    error_type = "port_taken"
+
+
 class UnauthorizedError(ClientError):
     """The route needs an API key (`Authorization: Bearer …`) and none or a wrong one came."""
 

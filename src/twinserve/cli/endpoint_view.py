@@ -28,7 +28,9 @@ def render_endpoint(out: Console, ep: Endpoint, platform: Platform, events: list
     out.print(f"created {ep.created_at:%Y-%m-%d %H:%M:%S} UTC, updated {ep.updated_at:%Y-%m-%d %H:%M:%S} UTC")
     _platform_lines(out, ep, platform)
     if ep.operation:
-        out.print(f"operation in progress: {ep.operation} (pid {ep.operation_pid})")
+        out.print(
+            f"operation in progress: {ep.operation} ({ep.operation_holder.describe() if ep.operation_holder else 'no holder'})"
+        )
     if ep.target is not None:
         models = ", ".join(f"{v.name}={_model_cell(v)}" for v in ep.target.variants)
         out.print(f"rolling out generation {ep.generation + 1} ({models}): {ep.target_share:.0%} of traffic")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from twinserve.config import Dtype, Quantize
 from twinserve.deploy.async_config import AsyncInferenceConfig
+from twinserve.deploy.lease import OperationHolder, utcnow
 from twinserve.deploy.pinning import PinnedModel
 from twinserve.deploy.platform_config import PlatformConfig
 from twinserve.deploy.policies import AutoscalingPolicy
@@ -34,10 +35,6 @@ from twinserve.deploy.policies import AutoscalingPolicy
 _DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 MASKED_SECRET = "**********"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class ServingLimits(BaseModel):
@@ -334,6 +331,9 @@ class ReplicaRecord(BaseModel):
     generation: int = Field(
         1, ge=1, description="Config generation it was started for (an update starts the next one)."
     )
+    start_deadline: datetime | None = Field(
+        None, description="UTC; still not healthy by then, it is stopped and replaced."
+    )
 
     @property
     def traffic_group(self) -> str:
@@ -381,8 +381,8 @@ class Endpoint(BaseModel):
     operation: str | None = Field(
         None, description="Operation holding the endpoint (create, update, scale, replace, delete)."
     )
-    operation_pid: int | None = Field(
-        None, ge=1, description="Process running `operation`; a dead one means it was interrupted."
+    operation_holder: OperationHolder | None = Field(
+        None, description="Process running `operation`; a dead one means it was interrupted."
     )
     controller_pid: int | None = Field(
         None, ge=1, description="The endpoint's controller process (autoscaling, replacing replicas)."

@@ -7,7 +7,13 @@ timeout makes a second writer wait instead of failing. Endpoint writes are optim
 each row carries a `revision`, and `put_endpoint` refuses a stale one (ConflictError), so two
 control planes never silently overwrite each other's decision.
 
-Schema (JSON bodies are the pydantic models; the extra columns are for queries):
+Operations are leases (`OperationHolder`: host, pid, start time): a dead holder is known dead at
+once, and `end_operation` refuses a process whose operation was taken over meanwhile (a delete
+during an update), so the two never both decide. A replica row is written before its process
+starts, and no new row is accepted for an endpoint that is gone or being deleted.
+
+Schema (JSON bodies are the pydantic models; the extra columns are for queries); `PRAGMA
+user_version` is its version, and opening an older file migrates it (`_MIGRATIONS`):
 ```
 endpoints(name PK, revision, status, body)            Endpoint without `replicas` (api key included)
 replicas(id PK, endpoint, variant, state, body)        ReplicaRecord, owned by the runtime
@@ -21,18 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 from twinserve import sqlite_db
 from twinserve.config import get_settings
+from twinserve.deploy.lease import LEASE_TTL_S, OperationHolder, this_host
 from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaRecord, ReplicaState, ScalingEvent, utcnow
-from twinserve.errors import BusyError, ConflictError, NotFoundError
-from twinserve.platforms.local.processes import running
+from twinserve.errors import BusyError, ConflictError, InterruptedOperationError, NotFoundError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -59,6 +65,26 @@ CREATE INDEX IF NOT EXISTS events_by_endpoint ON scaling_events (endpoint, id);
 """
 
 
+def _leases_from_pids(db: sqlite3.Connection) -> None:
+    """1 → 2: `operation_pid` becomes `operation_holder` (this host, start time unknown)."""
+    expires = (utcnow() + timedelta(seconds=LEASE_TTL_S)).isoformat()
+    for name, body in db.execute("SELECT name, body FROM endpoints").fetchall():
+        data = json.loads(body)
+        pid = data.pop("operation_pid", None)
+        if pid is not None:
+            data["operation_holder"] = {
+                "host": this_host(),
+                "pid": pid,
+                "started": None,
+                "expires_at": expires,
+            }
+        db.execute("UPDATE endpoints SET body = ? WHERE name = ?", (json.dumps(data), name))
+
+
+# _MIGRATIONS[v] brings a store from version v to v + 1 (0: a new file, its tables just created)
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: lambda db: None, 1: _leases_from_pids}
+
+
 def default_state_path() -> Path:
     return get_settings().home / "endpoints" / "state.db"
 
@@ -76,6 +102,15 @@ class StateStore:
             self.path.touch(mode=0o600)
         with self._connect() as db:
             db.executescript(_SCHEMA)  # idempotent; concurrent first opens are fine
+        with self._tx() as db:  # one process migrates; the others then find it done
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConflictError(
+                    f"{self.path} has schema version {version}, newer than this twinserve's "
+                    f"{SCHEMA_VERSION}: upgrade twinserve"
+                )
+            for v in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[v](db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -142,9 +177,21 @@ class StateStore:
             return [self._read(db, n) for n in names]
 
     def update_endpoint(self, name: str, change: Callable[[Endpoint], Endpoint]) -> Endpoint:
-        """Read, change and write in one transaction: no other writer in between, no conflict."""
+        """Read, change and write in one transaction: no other writer in between, no conflict.
+
+        ConflictError for a change that would move a Deleting endpoint out of Deleting, unless this
+        process holds the delete: an operation the delete displaced must not revive it."""
         with self._tx() as db:
-            return self._write(db, change(self._read(db, name)), check_revision=False)
+            current = self._read(db, name)
+            changed = change(current)
+            holder = current.operation_holder
+            if (
+                current.status is EndpointStatus.DELETING
+                and changed.status is not EndpointStatus.DELETING
+                and not (holder is not None and holder.is_this_process())
+            ):
+                raise ConflictError(f"endpoint {name!r} is being deleted")
+            return self._write(db, changed, check_revision=False)
 
     def begin_operation(
         self,
@@ -157,25 +204,32 @@ class StateStore:
     ) -> Endpoint:
         """Take the endpoint for `operation` (this process holds it) and set `status` if given.
 
-        One operation at a time: BusyError while another holds it, whether its process lives
-        (wait for it) or died (reconcile recovers it first). `allowed` may refuse with a
-        reason (e.g. the status does not permit an update); `force` (delete) takes it anyway.
+        One operation at a time: BusyError while a live process holds it (wait for it),
+        InterruptedOperationError when its holder died (recover it, e.g. `reconcile`, then take
+        it). `allowed` may refuse with a reason (e.g. the status does not permit an update);
+        `force` (delete) takes it anyway: the holder it displaces can no longer end it.
         """
 
         def change(ep: Endpoint) -> Endpoint:
             if not force:
                 if ep.operation is not None:
-                    holder = "running" if ep.operation_pid and running(ep.operation_pid) else "interrupted"
-                    hint = (
-                        "wait for it" if holder == "running" else "`twinserve endpoint reconcile` recovers it"
-                    )
-                    raise BusyError(
-                        f"endpoint {name!r} is busy: a {holder} {ep.operation} (pid {ep.operation_pid}); {hint}"
+                    holder = ep.operation_holder
+                    who = holder.describe() if holder is not None else "no holder"
+                    if holder is not None and holder.alive():
+                        raise BusyError(
+                            f"endpoint {name!r} is busy: a running {ep.operation} ({who}); wait for it"
+                        )
+                    raise InterruptedOperationError(
+                        f"endpoint {name!r} is held by an interrupted {ep.operation} ({who} is gone); "
+                        "`twinserve endpoint reconcile` recovers it"
                     )
                 refusal = allowed(ep) if allowed is not None else None
                 if refusal is not None:
                     raise ConflictError(f"endpoint {name!r} cannot {operation}: {refusal}")
-            update: dict[str, object] = {"operation": operation, "operation_pid": os.getpid()}
+            update: dict[str, object] = {
+                "operation": operation,
+                "operation_holder": OperationHolder.this_process(),
+            }
             if status is not None:
                 update["status"] = status
             return ep.model_copy(update=update)
@@ -191,11 +245,24 @@ class StateStore:
         clear_failure: bool = False,
         **changes: object,
     ) -> Endpoint:
-        """Release the endpoint with `status`; a reason sets `failure_reason`, `clear_failure` drops it."""
+        """Release the endpoint with `status`; a reason sets `failure_reason`, `clear_failure` drops it.
+
+        ConflictError when another live process took the endpoint over meanwhile (a delete
+        during this process's update): its decision stands, this one's is dropped."""
 
         def change(ep: Endpoint) -> Endpoint:
+            holder = ep.operation_holder
+            if holder is not None and not holder.is_this_process() and holder.alive():
+                raise ConflictError(
+                    f"endpoint {name!r} was taken over by a {ep.operation} ({holder.describe()}) meanwhile"
+                )
             failure = reason if reason is not None else (None if clear_failure else ep.failure_reason)
-            update = {"status": status, "failure_reason": failure, "operation": None, "operation_pid": None}
+            update = {
+                "status": status,
+                "failure_reason": failure,
+                "operation": None,
+                "operation_holder": None,
+            }
             return ep.model_copy(update={**update, **changes})
 
         return self.update_endpoint(name, change)
@@ -210,13 +277,46 @@ class StateStore:
 
     # --- replicas ---
 
+    def take_over(self, name: str, dead: OperationHolder | None) -> Endpoint:
+        """Hold the interrupted operation of `dead` (kept by name) to recover it; BusyError if
+        someone else took it first (compare-and-set on the holder)."""
+
+        def change(ep: Endpoint) -> Endpoint:
+            if ep.operation is None or ep.operation_holder != dead:
+                raise BusyError(
+                    f"endpoint {name!r}: the interrupted {ep.operation or 'operation'} was taken over"
+                )
+            return ep.model_copy(update={"operation_holder": OperationHolder.this_process()})
+
+        return self.update_endpoint(name, change)
+
     def put_replica(self, record: ReplicaRecord) -> ReplicaRecord:
+        """Insert or update a replica row. A new row needs its endpoint, not being deleted: it is
+        written before the replica's process starts, so a refused row starts no process."""
         with self._tx() as db:
+            row = db.execute("SELECT status FROM endpoints WHERE name = ?", (record.endpoint,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"endpoint {record.endpoint!r} does not exist (deleted meanwhile?)")
+            exists = db.execute("SELECT 1 FROM replicas WHERE id = ?", (record.id,)).fetchone()
+            if exists is None and row[0] == str(EndpointStatus.DELETING):
+                raise ConflictError(f"endpoint {record.endpoint!r} is being deleted: no new replica")
             db.execute(
                 "INSERT INTO replicas (id, endpoint, variant, state, body) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET state = excluded.state, body = excluded.body",
                 (record.id, record.endpoint, record.variant, str(record.state), record.model_dump_json()),
             )
+        return record
+
+    def update_replica(self, record: ReplicaRecord) -> ReplicaRecord:
+        """Rewrite an existing row; NotFoundError if it was removed meanwhile (its endpoint deleted,
+        or the replica retired): the caller stops the process it describes."""
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE replicas SET state = ?, body = ? WHERE id = ?",
+                (str(record.state), record.model_dump_json(), record.id),
+            ).rowcount
+        if not changed:
+            raise NotFoundError(f"replica {record.id!r} was removed meanwhile")
         return record
 
     def observe_replica(self, record: ReplicaRecord, state: ReplicaState) -> ReplicaRecord | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -93,26 +94,34 @@ class LocalRuntime:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         port = free_port()
         started_at = utcnow()
-        proc = ServerProcess(
-            serve_args(endpoint, variant),
-            port=port,
-            env=serve_env(endpoint, variant, replica_id, self.store.path),
-            log_path=log_path,
+        # intent before action: the row (with its deadline) exists before the process does, so a
+        # control process killed at any point leaves a replica that reconcile finds and judges,
+        # and a refused row (its endpoint gone or being deleted) starts nothing
+        record = self.store.put_replica(
+            ReplicaRecord(
+                id=replica_id,
+                endpoint=endpoint.name,
+                variant=variant.name,
+                port=port,
+                url=f"http://127.0.0.1:{port}",
+                started_at=started_at,
+                start_deadline=started_at + timedelta(seconds=endpoint.startup_timeout_s),
+                log_path=str(log_path),
+                generation=generation,
+            )
         )
-        record = ReplicaRecord(
-            id=replica_id,
-            endpoint=endpoint.name,
-            variant=variant.name,
-            pid=proc.proc.pid,
-            port=port,
-            url=proc.url,
-            started_at=started_at,
-            log_path=str(log_path),
-            generation=generation,
-        )
-        # recorded before the wait: a CLI killed meanwhile leaves a replica that can be found
-        self.store.put_replica(record)
         try:
+            proc = ServerProcess(
+                serve_args(endpoint, variant),
+                port=port,
+                env=serve_env(endpoint, variant, replica_id, self.store.path),
+                log_path=log_path,
+            )
+        except BaseException:
+            self.store.remove_replica(replica_id)
+            raise
+        try:
+            record = self.store.update_replica(record.model_copy(update={"pid": proc.proc.pid}))
             proc.wait_healthy(endpoint.startup_timeout_s)
         except BaseException as exc:
             proc.kill()
@@ -135,9 +144,14 @@ class LocalRuntime:
                 record=record,
                 log_tail=_log_tail(log_path, _LOG_TAIL_LINES, skip_probes=True),
             )
-        self._children[replica_id] = proc
         record = record.model_copy(update={"state": ReplicaState.HEALTHY, "model_version": served})
-        return self.store.put_replica(record)
+        try:
+            record = self.store.update_replica(record)
+        except NotFoundError:
+            proc.kill()  # retired or its endpoint deleted while it loaded: nobody would stop it
+            raise
+        self._children[replica_id] = proc
+        return record
 
     def stop_replica(self, record: ReplicaRecord, drain_timeout: float) -> None:
         with contextlib.suppress(NotFoundError):
@@ -150,12 +164,11 @@ class LocalRuntime:
             terminate(record.pid, drain_timeout + _EXIT_GRACE_S)
         self.store.remove_replica(record.id)
 
-    def sweep_orphans(self, endpoint_name: str, drain_timeout: float = 0.0) -> list[int]:
-        """Stop replica processes of this endpoint (and state store) that have no record: left by
-        a control process killed between starting a replica and recording it. Call it only while
-        holding the endpoint (no one else is starting replicas). Returns the pids stopped."""
-        known = {r.id for r in self.store.replicas(endpoint_name)}
-        stopped = []
+    def find_orphans(self, endpoint_name: str) -> list[int]:
+        """Replica processes of this endpoint (and state store) that no record describes: none
+        has their replica id, or the record names another pid (or none yet). Read-only."""
+        known = {r.id: r.pid for r in self.store.replicas(endpoint_name)}
+        orphans = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmdline = proc.info["cmdline"] or []
             if "serve" not in cmdline or not any("twinserve" in a for a in cmdline):
@@ -167,10 +180,18 @@ class LocalRuntime:
             ours = env.get("TWINSERVE_ENDPOINT") == endpoint_name and env.get(
                 "TWINSERVE_ENDPOINT_STATE"
             ) == str(self.store.path)
-            if ours and env.get("TWINSERVE_REPLICA_ID") not in known:
-                terminate(proc.pid, drain_timeout + _EXIT_GRACE_S)
-                stopped.append(proc.pid)
-        return stopped
+            if ours and known.get(env.get("TWINSERVE_REPLICA_ID", ""), -1) != proc.pid:
+                orphans.append(proc.pid)
+        return orphans
+
+    def sweep_orphans(self, endpoint_name: str, drain_timeout: float = 0.0) -> list[int]:
+        """Stop the orphans (`find_orphans`): left by a control process killed between starting a
+        replica and recording its pid. Call it only while holding the endpoint (no one else is
+        starting replicas). Returns the pids stopped."""
+        orphans = self.find_orphans(endpoint_name)
+        for pid in orphans:
+            terminate(pid, drain_timeout + _EXIT_GRACE_S)
+        return orphans
 
     def replica_alive(self, record: ReplicaRecord) -> bool:
         return _is_ours(record) and _healthy(record.url)
@@ -200,6 +221,9 @@ def _log_tail(path: Path, lines: int, *, skip_probes: bool = False) -> str:
 
 
 def _observed_state(record: ReplicaRecord) -> ReplicaState:
+    if record.pid is None:  # recorded, its process not started yet (or its starter died first)
+        starting = record.state is ReplicaState.STARTING and not past_deadline(record)
+        return ReplicaState.STARTING if starting else ReplicaState.STOPPED
     if not _is_ours(record):
         return ReplicaState.STOPPED
     if record.state is ReplicaState.DRAINING:
@@ -208,6 +232,11 @@ def _observed_state(record: ReplicaRecord) -> ReplicaState:
         return ReplicaState.HEALTHY
     # a replica still loading (another process is waiting for it) is not yet unhealthy
     return ReplicaState.STARTING if record.state is ReplicaState.STARTING else ReplicaState.UNHEALTHY
+
+
+def past_deadline(record: ReplicaRecord) -> bool:
+    """Started but still not healthy at its start deadline (records from before deadlines: never)."""
+    return record.start_deadline is not None and utcnow() > record.start_deadline
 
 
 def _is_ours(record: ReplicaRecord) -> bool:

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from twinserve.client.transport import Transport
+from twinserve.deploy.lease import OperationHolder
 from twinserve.deploy.pinning import pin_config
 from twinserve.deploy.platform import Capabilities
 from twinserve.deploy.platform_config import PlatformName
@@ -47,7 +48,14 @@ from twinserve.deploy.spec import (
     VariantState,
 )
 from twinserve.deploy.state import StateStore
-from twinserve.errors import BusyError, ModelLoadError, NotFoundError, ValidationError
+from twinserve.errors import (
+    BusyError,
+    ConflictError,
+    InterruptedOperationError,
+    ModelLoadError,
+    NotFoundError,
+    ValidationError,
+)
 from twinserve.platforms.local.daemons import Daemon
 from twinserve.platforms.local.gateway import GatewayStartError, ensure_gateway, gateway_url, stop_gateway
 from twinserve.platforms.local.job_service import LOG as JOB_SERVICE_LOG
@@ -66,7 +74,11 @@ ROUTER_LOG = "router.log"
 CONTROLLER_LOG = "controller.log"
 PROVISION_LOG = "control.log"
 _ROUTER_START_TIMEOUT_S = 60.0
+# a restarted router waits this long for its old port (the endpoint's URL) before failing
+_ROUTER_PORT_WAIT_S = 15.0
 _EXIT_GRACE_S = 10.0
+# a delete waits this long for the operation it displaced to notice and stop starting replicas
+_DISPLACED_WAIT_S = 15.0
 _BUSY_WAIT_S = 120.0  # a user's update/scale waits this long for a running operation to end
 
 
@@ -125,7 +137,9 @@ class LocalPlatform:
                 f"endpoint {config.name!r} is for platform {config.platform.type!r}, not local"
             )
         config = pin_config(config, progress)  # before anything is recorded: an unknown alias is a 404
-        new = Endpoint.new(config).model_copy(update={"operation": "create", "operation_pid": os.getpid()})
+        new = Endpoint.new(config).model_copy(
+            update={"operation": "create", "operation_holder": OperationHolder.this_process()}
+        )
         self.store.put_endpoint(new)
         progress(f"endpoint {config.name!r} is Creating")
         if not wait:
@@ -242,9 +256,10 @@ class LocalPlatform:
 
         Waits until it routes to a healthy replica, or (`with_replicas=False`: replicas are yet
         to be replaced) only until it serves."""
-        port = reclaim_port(endpoint.url)
+        port = reclaim_port(endpoint.url, _ROUTER_PORT_WAIT_S, required=True)
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
+        args += ["--home", str(self.home)]  # so it can restart the controller
         proc = self.router.start(name, args, self.endpoint_dir(name))
         url = f"http://127.0.0.1:{port}"
         self.store.update_endpoint(
@@ -261,6 +276,30 @@ class LocalPlatform:
         raise ModelLoadError(
             f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{log_tail}"
         )
+
+    def supervise_controller(self, name: str) -> bool:
+        """Restart the endpoint's controller if one was started and has died (the router runs
+        this, as the controller restarts a dead router); True if it did. Only an InService
+        endpoint no operation holds: a delete stops the controller on purpose."""
+        ep = self.store.get_endpoint(name)
+        if (
+            ep.status is not EndpointStatus.IN_SERVICE
+            or ep.operation is not None
+            or ep.controller_pid is None
+            or self.controller_alive(ep)
+        ):
+            return False
+        try:
+            self.store.begin_operation(name, "supervise")
+        except ConflictError:  # busy, or interrupted: the next look (or reconcile) deals with it
+            return False
+        try:
+            if self.controller_alive(self.store.get_endpoint(name)):
+                return False
+            self.start_controller(name)
+            return True
+        finally:
+            self.store.end_operation(name, EndpointStatus.IN_SERVICE)
 
     def start_controller(self, name: str) -> None:
         args = ["--state", str(self.store.path), "--home", str(self.home)]
@@ -338,11 +377,14 @@ class LocalPlatform:
         wait_s: float = _BUSY_WAIT_S,
     ) -> Endpoint:
         """Take the endpoint, waiting up to `wait_s` while another operation (e.g. the
-        controller's reconcile or an autoscaling step) holds it."""
+        controller's reconcile or an autoscaling step) holds it; one whose process died is
+        recovered at once, not waited for."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 return self.store.begin_operation(name, operation, status, allowed=allowed)
+            except InterruptedOperationError:
+                self._reconciler.recover(name, progress=_quiet)
             except BusyError:
                 if time.monotonic() >= deadline:
                     raise
@@ -507,11 +549,21 @@ class LocalPlatform:
         """Stop the controller, drain and stop the router and every replica, forget the endpoint;
         False if none existed."""
         try:
+            before = self.store.get_endpoint(name)
+            displaced, displaced_op = before.operation_holder, before.operation
             endpoint = self.store.begin_operation(name, "delete", EndpointStatus.DELETING, force=True)
         except NotFoundError:
             return False
         progress(f"endpoint {name!r} is Deleting")
         self.stop_all(name, endpoint.config.drain_timeout_s)
+        if displaced is not None and not displaced.is_this_process() and displaced.alive():
+            # an operation in flight (a CLI's update or scale) finds its writes refused and stops
+            # what it started; wait for it, then sweep whatever it started before it noticed
+            progress(f"waiting for the {displaced_op} it interrupted ({displaced.describe()})")
+            until_gone = time.monotonic() + _DISPLACED_WAIT_S
+            while displaced.alive() and time.monotonic() < until_gone:
+                time.sleep(0.2)
+            self.stop_all(name, endpoint.config.drain_timeout_s)
         self.store.delete_endpoint(name)
         progress(f"endpoint {name!r} deleted")
         if not any(e.config.platform.type == self.name for e in self.store.list_endpoints()):
@@ -523,7 +575,8 @@ class LocalPlatform:
         leased), router next (no new requests reach replicas), then every replica in parallel."""
         with contextlib.suppress(NotFoundError):
             ep = self.store.get_endpoint(name)
-            self.controller.stop(name, ep.controller_pid, _EXIT_GRACE_S)
+            if ep.controller_pid != os.getpid():  # the controller recovering a create stops the rest
+                self.controller.stop(name, ep.controller_pid, _EXIT_GRACE_S)
             self.job_service.stop(ep, drain_timeout + _EXIT_GRACE_S)
             self.router.stop(name, ep.router_pid, drain_timeout + _EXIT_GRACE_S)
         records = self.store.replicas(name)

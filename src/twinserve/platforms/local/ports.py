@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
+from twinserve.errors import PortTakenError
 from twinserve.server.process import free_port
 
 # how long a restart waits for its old port: a killed process's port can be held for a moment
@@ -35,8 +36,9 @@ def port_free(port: int) -> bool:
     return True
 
 
-def reclaim_port(url: str | None, wait_s: float = RECLAIM_WAIT_S) -> int:
-    """The port of `url` once it can be bound (waiting up to `wait_s`), else a new free one."""
+def reclaim_port(url: str | None, wait_s: float = RECLAIM_WAIT_S, *, required: bool = False) -> int:
+    """The port of `url` once it can be bound (waiting up to `wait_s`), else a new free one, or
+    with `required` (a URL clients use) PortTakenError."""
     port = port_of(url)
     if port is not None:
         deadline = time.monotonic() + wait_s
@@ -46,4 +48,9 @@ def reclaim_port(url: str | None, wait_s: float = RECLAIM_WAIT_S) -> int:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
+        if required:
+            raise PortTakenError(
+                f"port {port} of {url} is held by another process: the router cannot start there, "
+                "and moving would change the endpoint's URL"
+            )
     return free_port()

@@ -20,9 +20,9 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaState
-from twinserve.errors import BusyError, NotFoundError
-from twinserve.platforms.local.processes import running
+from twinserve.deploy.spec import Endpoint, EndpointStatus, ReplicaRecord, ReplicaState
+from twinserve.errors import BusyError, NotFoundError, PortTakenError
+from twinserve.platforms.local.local_runtime import past_deadline
 from twinserve.platforms.local.rollout import abandon_target
 
 if TYPE_CHECKING:
@@ -55,9 +55,9 @@ class Reconciler:
 
         ep = self.manager.store.get_endpoint(name)
         if ep.operation is not None:
-            if ep.operation_pid is not None and running(ep.operation_pid):
+            if ep.operation_holder is not None and ep.operation_holder.alive():
                 return actions  # someone is working on it
-            self._recover(ep, did)
+            self.recover(name, progress=did)
             try:
                 ep = self.manager.store.get_endpoint(name)
             except NotFoundError:
@@ -71,6 +71,11 @@ class Reconciler:
         except BusyError:
             return actions
         try:
+            orphans = self.manager.runtime.sweep_orphans(name)
+            if orphans:
+                did(
+                    f"stopped {len(orphans)} replica process(es) without a record (pid {', '.join(map(str, orphans))})"
+                )
             # the router first: while it is down the endpoint's URL answers nothing, even with
             # healthy replicas behind it, and replacing a replica takes a model load
             if not self.manager.router_alive(ep):
@@ -85,10 +90,10 @@ class Reconciler:
                 did("the controller was down; restarting it")
                 self.manager.start_controller(name)
         except Exception as exc:
+            # a router that cannot have its URL back leaves the endpoint unreachable: Failed, said why
+            status = EndpointStatus.FAILED if isinstance(exc, PortTakenError) else EndpointStatus.IN_SERVICE
             with contextlib.suppress(NotFoundError):
-                self.manager.store.end_operation(
-                    name, EndpointStatus.IN_SERVICE, reason=f"reconcile failed: {exc}"
-                )
+                self.manager.store.end_operation(name, status, reason=f"reconcile failed: {exc}")
             raise
         self.manager.store.end_operation(name, EndpointStatus.IN_SERVICE)
         return actions
@@ -98,7 +103,7 @@ class Reconciler:
         replicas = self.manager.runtime.find_replicas(ep.name)
         now = time.monotonic()
         for r in replicas:
-            if r.generation != ep.generation or r.state is ReplicaState.STOPPED:
+            if r.generation != ep.generation or _dead(r) or _start_overdue(r):
                 return True
             if r.state is ReplicaState.UNHEALTHY:
                 if now - self._unhealthy_since.setdefault(r.id, now) >= UNHEALTHY_GRACE_S:
@@ -110,18 +115,32 @@ class Reconciler:
                 return True
         if ensure_controller and not self.manager.controller_alive(ep):
             return True
-        return not self.manager.router_alive(ep) or not self.manager.job_service.alive(ep)
+        if not self.manager.router_alive(ep) or not self.manager.job_service.alive(ep):
+            return True
+        return bool(self.manager.runtime.find_orphans(ep.name))
 
-    def _recover(self, ep: Endpoint, did: Progress) -> None:
-        """Finish or undo what an operation whose process died left behind."""
+    def recover(self, name: str, *, progress: Progress) -> bool:
+        """Take over and finish or undo an operation whose process died; False when there is
+        none (or another process took it over first)."""
+        ep = self.manager.store.get_endpoint(name)
+        holder = ep.operation_holder
+        if ep.operation is None or (holder is not None and holder.alive()):
+            return False
+        try:
+            self.manager.store.take_over(name, holder)
+        except BusyError:
+            return False
+        who = holder.describe() if holder is not None else "its process"
+        self._recover(ep, who, progress)
+        return True
+
+    def _recover(self, ep: Endpoint, who: str, did: Progress) -> None:
         name, op = ep.name, ep.operation
-        did(f"recovering an interrupted {op} (pid {ep.operation_pid} is gone)")
+        did(f"recovering an interrupted {op} ({who} is gone)")
         if op == "create":
             self.manager.stop_all(name, ep.config.drain_timeout_s)
             self.manager.store.end_operation(
-                name,
-                EndpointStatus.FAILED,
-                reason=f"the create was interrupted (pid {ep.operation_pid} stopped)",
+                name, EndpointStatus.FAILED, reason=f"the create was interrupted ({who} stopped)"
             )
         elif op == "delete":
             self.manager.delete(name)
@@ -141,9 +160,12 @@ class Reconciler:
         for record in replicas:
             if record.generation != ep.generation:
                 continue
-            if record.state is ReplicaState.STOPPED:
+            if _dead(record):
                 did(f"replica {record.id} died; replacing it")
                 self.manager.runtime.stop_replica(record, 0)  # forgets it (and reaps it if it was our child)
+            elif _start_overdue(record):
+                did(f"replica {record.id} was not healthy by its start deadline; replacing it")
+                self.manager.retire(name, [record], 0)
             elif record.state is ReplicaState.UNHEALTHY:
                 since = self._unhealthy_since.setdefault(record.id, now)
                 if now - since >= UNHEALTHY_GRACE_S:
@@ -164,3 +186,15 @@ class Reconciler:
             if len(live) != desired:
                 did(f"{v.name}: {len(live)} live replica(s), {desired} desired")
                 self.manager.converge(name, v.name, desired, ep, did)
+
+
+def _dead(record: ReplicaRecord) -> bool:
+    """Stopped, or recorded without a process: whoever was starting it no longer holds the
+    endpoint (reconcile runs only then), so no process will ever be attached to it."""
+    return record.state is ReplicaState.STOPPED or (
+        record.pid is None and record.state is not ReplicaState.DRAINING
+    )
+
+
+def _start_overdue(record: ReplicaRecord) -> bool:
+    return record.state is ReplicaState.STARTING and past_deadline(record)

@@ -16,12 +16,12 @@ and the reason a deployment is pending (e.g. resources the cluster cannot give).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from twinserve.deploy.lease import OperationHolder
 from twinserve.deploy.pinning import pin_config
 from twinserve.deploy.platform import Capabilities, Progress, quiet
 from twinserve.deploy.platform_config import PlatformName, RaySettings
@@ -87,7 +87,7 @@ class RayPlatform:
             new = Endpoint.new(config).model_copy(
                 update={
                     "operation": "create",
-                    "operation_pid": os.getpid(),
+                    "operation_holder": OperationHolder.this_process(),
                     "resources": {"ray_application": config.name, "ray_address": settings.address},
                 }
             )
@@ -307,7 +307,7 @@ class RayPlatform:
         """Take an InService endpoint; an operation whose process died is released first (Serve
         finishes what it was asked on its own; `describe` shows where it got)."""
         ep = self.store.get_endpoint(name)
-        if ep.operation is not None and ep.operation_pid and not _alive(ep.operation_pid):
+        if ep.operation is not None and not (ep.operation_holder and ep.operation_holder.alive()):
             self.store.end_operation(name, EndpointStatus.IN_SERVICE, target=None)
         self._record_observed(name)
 
@@ -410,12 +410,6 @@ class RayPlatform:
 
 def _settings(config: EndpointConfig) -> RaySettings:
     return config.platform.ray or RaySettings()
-
-
-def _alive(pid: int) -> bool:
-    from twinserve.platforms.local.processes import running
-
-    return running(pid)
 
 
 def _delete_application(name: str) -> None:

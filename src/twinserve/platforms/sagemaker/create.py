@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from twinserve.deploy.lease import OperationHolder
 from twinserve.deploy.platform import Progress, quiet
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus
 from twinserve.deploy.state import StateStore
@@ -139,7 +139,7 @@ def _new_endpoint(gen: Generation, account: str) -> Endpoint:
         res["hf_token_secret"] = gen.token_secret  # the ARN; the token itself is never stored
     update = {
         "operation": "create",
-        "operation_pid": os.getpid(),
+        "operation_holder": OperationHolder.this_process(),
         "resources": res,
         "url": runtime_url(gen.region, gen.endpoint, asynchronous=gen.async_inference is not None),
     }

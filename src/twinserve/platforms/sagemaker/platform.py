@@ -27,7 +27,6 @@ from twinserve.deploy.policies import AutoscalingPolicy
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ScalingEvent, VariantState
 from twinserve.deploy.state import StateStore
 from twinserve.errors import ModelLoadError, NotFoundError, TwinserveError, ValidationError
-from twinserve.platforms.local.processes import running
 from twinserve.platforms.sagemaker import autoscaling, resources, steps
 from twinserve.platforms.sagemaker.clients import AwsClients, Region, aws_step
 from twinserve.platforms.sagemaker.create import PROVISION_S
@@ -124,7 +123,7 @@ class SageMakerPlatform:
         """Settle an operation whose process died, or an update left in flight, from what AWS
         reports (there is no controller to do it); BusyError while SageMaker still works on it."""
         ep = self.store.get_endpoint(name)
-        dead = ep.operation is not None and not (ep.operation_pid and running(ep.operation_pid))
+        dead = ep.operation is not None and not (ep.operation_holder and ep.operation_holder.alive())
         if dead or (ep.operation is None and ep.target is not None):
             settle_interrupted(self, name)
 

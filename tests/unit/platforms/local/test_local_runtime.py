@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import psutil
 import pytest
 
 from tests.servers import process_gone
-from twinserve.deploy.spec import EndpointConfig, ReplicaRecord, ReplicaState
+from twinserve.deploy.spec import Endpoint, EndpointConfig, ReplicaRecord, ReplicaState
 from twinserve.deploy.state import StateStore
+from twinserve.errors import ConflictError
 from twinserve.platforms.local.local_runtime import LocalRuntime
 from twinserve.platforms.local.runtime import ReplicaStartError, Runtime
 
@@ -27,8 +29,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _store(home: Path) -> StateStore:
-    return StateStore(home / "endpoints" / "state.db")
+def _store(home: Path, *endpoints: str) -> StateStore:
+    """The state store under `home`, holding these endpoints (a replica row needs its endpoint's)."""
+    store = StateStore(home / "endpoints" / "state.db")
+    for name in endpoints:
+        with contextlib.suppress(ConflictError):
+            store.put_endpoint(Endpoint.new(EndpointConfig.single(name, "models:/llm-twin@champion")))
+    return store
 
 
 def _config(model: Path, name: str = "tiny") -> EndpointConfig:
@@ -52,7 +59,7 @@ def _config(model: Path, name: str = "tiny") -> EndpointConfig:
 
 
 def test_start_probe_find_stop(home: Path, tiny_model_dir: Path) -> None:
-    runtime = LocalRuntime(_store(home), home=home)
+    runtime = LocalRuntime(_store(home, "tiny"), home=home)
     assert isinstance(runtime, Runtime)
     config = _config(tiny_model_dir)
     record = runtime.start_replica(config, config.variants[0])
@@ -87,6 +94,7 @@ def test_start_probe_find_stop(home: Path, tiny_model_dir: Path) -> None:
 _STARTER = """
 import sys
 from pathlib import Path
+from twinserve.errors import ConflictError
 from twinserve.platforms.local.local_runtime import LocalRuntime
 from twinserve.deploy.spec import EndpointConfig
 from twinserve.deploy.state import StateStore
@@ -100,6 +108,7 @@ print(runtime.start_replica(config, config.variants[0]).id)
 
 def test_replica_outlives_its_starter_and_is_stopped_by_another(home: Path, tiny_model_dir: Path) -> None:
     config = _config(tiny_model_dir, name="detached")
+    _store(home, "detached")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     started = subprocess.run(
         [sys.executable, "-c", _STARTER, str(home), config.model_dump_json(exclude={"api_key"})],
@@ -123,7 +132,7 @@ def test_replica_outlives_its_starter_and_is_stopped_by_another(home: Path, tiny
 
 
 def test_stale_record_never_signals_a_reused_pid(home: Path) -> None:
-    store = _store(home)
+    store = _store(home, "x")
     runtime = LocalRuntime(store, home=home)
     # the pid is alive but it is this test process, not a replica on that port
     stale = ReplicaRecord(
@@ -140,7 +149,7 @@ def test_broken_model_fails_with_log_tail(home: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{ this is not json")
-    runtime = LocalRuntime(_store(home), home=home)
+    runtime = LocalRuntime(_store(home, "broken"), home=home)
     config = _config(broken, name="broken")
     with pytest.raises(ReplicaStartError) as info:
         runtime.start_replica(config, config.variants[0])

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.factories import tiny_llama_dir
-from tests.servers import process_gone
+from tests.servers import dead_holder, process_gone
 from tests.steady_load import SteadyLoad, wait_until
 from twinserve.deploy.spec import EndpointConfig, EndpointStatus, ReplicaState
 from twinserve.errors import BusyError, UpdateRolledBackError, ValidationError
@@ -174,10 +174,10 @@ def test_reconcile_rolls_back_an_interrupted_update(
     manager.store.begin_operation("twin", "update", EndpointStatus.UPDATING)
     target = _config(other_model_dir)
     green = manager.runtime.start_replica(target, target.variants[0], generation=2)
-    dead_pid = _dead_pid()
+    dead = dead_holder()
     manager.store.update_endpoint(
         "twin",
-        lambda e: e.model_copy(update={"target": target, "target_share": 0.5, "operation_pid": dead_pid}),
+        lambda e: e.model_copy(update={"target": target, "target_share": 0.5, "operation_holder": dead}),
     )
     actions = manager.reconcile("twin")
     assert any("interrupted update" in a for a in actions)
@@ -224,15 +224,6 @@ def test_autoscaling_follows_a_burst_of_streams(manager: LocalPlatform, tiny_mod
     events = manager.events("twin")
     assert [(e.from_replicas, e.to_replicas) for e in events] == [(1, 2), (2, 1)]
     assert events[0].metric == "concurrent_requests_per_replica" and (events[0].metric_value or 0) > 1
-
-
-def _dead_pid() -> int:
-    """A pid that ran and exited (so it belongs to no live process now)."""
-    import subprocess
-
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def test_update_without_waiting_runs_in_a_detached_process(

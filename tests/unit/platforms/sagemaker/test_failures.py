@@ -9,6 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.servers import dead_holder
 from tests.unit.platforms.sagemaker.conftest import (
     HF_SECRET_TOKEN,
     HUB_SHA,
@@ -234,8 +235,6 @@ def test_update_interrupted_in_flight_is_settled_by_the_next_operation(
 def test_create_whose_process_died_is_finished_by_the_next_operation(
     platform: SageMakerPlatform, session: boto3.Session
 ) -> None:
-    import subprocess
-    import sys
 
     policy = {"type": "target_tracking", "target": 4, "max_replicas": 3}
     platform.create(sm_config(autoscaling=policy))
@@ -243,11 +242,9 @@ def test_create_whose_process_died_is_finished_by_the_next_operation(
         ServiceNamespace="sagemaker", ResourceId="endpoint/twin/variant/primary",
         ScalableDimension="sagemaker:variant:DesiredInstanceCount",
     )  # fmt: skip
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    dead = dead_holder()
     platform.store.update_endpoint(
-        "twin", lambda e: e.model_copy(update={"operation": "create", "operation_pid": int(dead.stdout)})
+        "twin", lambda e: e.model_copy(update={"operation": "create", "operation_holder": dead})
     )  # as if killed after create_endpoint, before the autoscaling
     ep = platform.scale("twin", 2)
     assert ep.status is EndpointStatus.IN_SERVICE and ep.operation is None

@@ -50,6 +50,38 @@ def sync_pool(store: StateStore, name: str, pool: ReplicaPool, app: RouterApp | 
     return before != {(s.id, s.url) for s in specs}
 
 
+class ControllerWatch:
+    """A daemon thread restarting the endpoint's controller when it dies (the controller's
+    reconcile restarts a dead router): killing either heals without a command."""
+
+    def __init__(self, store: StateStore, name: str, home: Path, interval: float) -> None:
+        self.store, self.name, self.home, self.interval = store, name, home, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="controller-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        # imported here: the router's start does not pay for the control plane it rarely needs
+        from twinserve.platforms.local.local_runtime import LocalRuntime
+        from twinserve.platforms.local.platform import LocalPlatform
+
+        manager = LocalPlatform(self.store, LocalRuntime(self.store, home=self.home))
+        while not self._stop.wait(self.interval):
+            try:
+                if manager.supervise_controller(self.name):
+                    log.warning("the controller of %r had died; restarted it", self.name)
+            except NotFoundError:
+                return  # deleted: nothing left to supervise
+            except Exception:
+                log.exception("watching the controller failed")
+
+
 class PoolSync:
     """A daemon thread running `sync_pool` every `interval` s (the pool is thread-safe)."""
 
@@ -75,7 +107,14 @@ class PoolSync:
 
 
 def run(
-    name: str, port: int, state: Path | None, *, sync_interval: float = 0.5, drain_s: float = 30.0
+    name: str,
+    port: int,
+    state: Path | None,
+    *,
+    sync_interval: float = 0.5,
+    drain_s: float = 30.0,
+    home: Path | None = None,
+    watch_interval: float = 2.0,
 ) -> None:
     """Serve the router until SIGTERM/SIGINT."""
     import uvicorn
@@ -94,6 +133,9 @@ def run(
     app.async_upstream = endpoint.async_url
     syncer = PoolSync(store, name, app, sync_interval)
     syncer.start()
+    watch = ControllerWatch(store, name, home, watch_interval) if home is not None else None
+    if watch is not None:
+        watch.start()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -106,6 +148,8 @@ def run(
         uvicorn.Server(config).run()
     finally:
         syncer.stop()
+        if watch is not None:
+            watch.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,9 +159,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state", type=Path, default=None, help="State store file (default: under home).")
     parser.add_argument("--sync-interval", type=float, default=0.5, help="Seconds between store reads.")
     parser.add_argument("--drain", type=float, default=30.0, help="Seconds in-flight requests may finish.")
+    parser.add_argument("--home", type=Path, default=None, help="TWINSERVE_HOME: restart a dead controller.")
     args = parser.parse_args(argv)
     configure_logging()
-    run(args.endpoint, args.port, args.state, sync_interval=args.sync_interval, drain_s=args.drain)
+    run(
+        args.endpoint,
+        args.port,
+        args.state,
+        sync_interval=args.sync_interval,
+        drain_s=args.drain,
+        home=args.home,
+    )
 
 
 if __name__ == "__main__":
