@@ -67,16 +67,17 @@ class OperationHolder(BaseModel):
         )
 
     def is_this_process(self) -> bool:
-        return self.host == this_host() and self.pid == os.getpid() and self._same_start(self.pid)
+        return self.host == this_host() and self.pid == os.getpid() and self._same_start()
 
     def alive(self) -> bool:
         """Still running: probed on this host; elsewhere, until the lease expires."""
         if self.host != this_host():
             return utcnow() < self.expires_at
-        return self._same_start(self.pid)
+        return self._same_start()
 
-    def _same_start(self, pid: int) -> bool:
-        started = process_start_time(pid)
+    def _same_start(self) -> bool:
+        """A process with this pid runs and started when this holder's did."""
+        started = process_start_time(self.pid)
         if started is None:
             return False
         return self.started is None or abs(started - self.started) <= _START_TOLERANCE_S

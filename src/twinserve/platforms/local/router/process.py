@@ -15,6 +15,7 @@ import argparse
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twinserve.deploy.spec import ReplicaState
 from twinserve.deploy.state import StateStore
@@ -23,6 +24,9 @@ from twinserve.platforms.local.daemons import configure_logging
 from twinserve.platforms.local.router.app import RouterApp, create_router_app
 from twinserve.platforms.local.router.metrics import metrics_exposition
 from twinserve.platforms.local.router.pool import ReplicaPool, ReplicaSpec
+
+if TYPE_CHECKING:
+    from twinserve.platforms.local.platform import LocalPlatform
 
 log = logging.getLogger("twinserve.router")
 
@@ -50,60 +54,69 @@ def sync_pool(store: StateStore, name: str, pool: ReplicaPool, app: RouterApp | 
     return before != {(s.id, s.url) for s in specs}
 
 
-class ControllerWatch:
-    """A daemon thread restarting the endpoint's controller when it dies (the controller's
-    reconcile restarts a dead router): killing either heals without a command."""
+class _Periodic:
+    """A daemon thread calling `tick` every `interval` s until stopped or `tick` returns False;
+    a failing tick (a store hiccup) is logged and the next one runs as usual."""
+
+    def __init__(self, thread_name: str, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def tick(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.tick():
+                    return
+            except Exception:
+                log.exception("%s failed", self._thread.name)
+
+
+class ControllerWatch(_Periodic):
+    """Restarts the endpoint's controller when it dies (the controller's reconcile restarts a
+    dead router): killing either heals without a command."""
 
     def __init__(self, store: StateStore, name: str, home: Path, interval: float) -> None:
-        self.store, self.name, self.home, self.interval = store, name, home, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="controller-watch", daemon=True)
+        super().__init__("controller-watch", interval)
+        self.store, self.name, self.home = store, name, home
+        self._manager: LocalPlatform | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    def tick(self) -> bool:
+        if self._manager is None:
+            # imported here: the router's start does not pay for the control plane it rarely needs
+            from twinserve.platforms.local.local_runtime import LocalRuntime
+            from twinserve.platforms.local.platform import LocalPlatform
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        # imported here: the router's start does not pay for the control plane it rarely needs
-        from twinserve.platforms.local.local_runtime import LocalRuntime
-        from twinserve.platforms.local.platform import LocalPlatform
-
-        manager = LocalPlatform(self.store, LocalRuntime(self.store, home=self.home))
-        while not self._stop.wait(self.interval):
-            try:
-                if manager.supervise_controller(self.name):
-                    log.warning("the controller of %r had died; restarted it", self.name)
-            except NotFoundError:
-                return  # deleted: nothing left to supervise
-            except Exception:
-                log.exception("watching the controller failed")
+            self._manager = LocalPlatform(self.store, LocalRuntime(self.store, home=self.home))
+        try:
+            if self._manager.supervise_controller(self.name):
+                log.warning("the controller of %r had died; restarted it", self.name)
+        except NotFoundError:
+            return False  # deleted: nothing left to supervise
+        return True
 
 
-class PoolSync:
-    """A daemon thread running `sync_pool` every `interval` s (the pool is thread-safe)."""
+class PoolSync(_Periodic):
+    """Runs `sync_pool` every `interval` s (the pool is thread-safe)."""
 
     def __init__(self, store: StateStore, name: str, app: RouterApp, interval: float) -> None:
-        self.store, self.name, self.app, self.interval = store, name, app, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="router-sync", daemon=True)
+        super().__init__("router-sync", interval)
+        self.store, self.name, self.app = store, name, app
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                if sync_pool(self.store, self.name, self.app.pool, self.app) and self.app.health is not None:
-                    self.app.health.check_soon()  # new replicas take traffic at once, not next round
-            except Exception:  # a store hiccup must not stop syncing for good
-                log.exception("syncing the replica pool failed")
+    def tick(self) -> bool:
+        if sync_pool(self.store, self.name, self.app.pool, self.app) and self.app.health is not None:
+            self.app.health.check_soon()  # new replicas take traffic at once, not next round
+        return True
 
 
 def run(
