@@ -35,13 +35,13 @@ up: venv model
 
 # two workers, a test file each at a time: most tests wait on model processes starting, so two
 # files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
+# (the longest files first: see SLOW_FILES_FIRST in tests/conftest.py)
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
-# the Ray suite (tests/ray inside `unshare -n`, ~2.5 min alone), with its output: not in `make test`
-# while CI's 20 minutes have no room for it (with it, `make test` took 19.3 min on 2 cores)
+# the Ray suite alone (tests/ray inside `unshare -n`, ~2 min), with its output (`make test` runs it too)
 test-ray: venv
-	TWINSERVE_RAY_SUITE=1 $(BIN)/python -m pytest -q -p no:xdist -s tests/test_ray_suite.py
+	$(BIN)/python -m pytest -q -p no:xdist -s tests/test_ray_suite.py
 
 lint: venv
 	$(BIN)/ruff check src tests

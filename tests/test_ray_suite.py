@@ -27,10 +27,6 @@ def _unshare_permitted() -> bool:
 def test_the_ray_suite_passes_in_a_loopback_only_network() -> None:
     if os.environ.get(_NETNS_ENV) == "1":
         pytest.skip("already inside the namespace")
-    if os.environ.get("TWINSERVE_RAY_SUITE") != "1":
-        pytest.skip(
-            "the Ray suite runs with `make test-ray` (~3.5 min beside the rest; CI's 20 minutes have no room yet)"
-        )
     if not _unshare_permitted():
         pytest.skip(
             "`unshare -n` is not permitted here, and Ray's tests run only in a loopback-only namespace"
