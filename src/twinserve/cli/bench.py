@@ -20,7 +20,7 @@ app = typer.Typer(
     help=(
         "Benchmarks: the engine against transformers (engine), a running endpoint under load (serve), "
         "the RAG service in front of an LLM (rag), the prefix cache on and off (prefix), prompt-lookup "
-        "speculation on and off (speculate)."
+        "speculation on and off (speculate), kill -9 during endpoint operations (chaos)."
     ),
     no_args_is_help=True,
 )
@@ -452,6 +452,59 @@ def async_command(
     out.print(f"async (serving) ÷ sync baseline: {report.ratio:.2f}x")
     for event in report.scaling_events:
         out.print(f"  scaling: {event}", highlight=False, soft_wrap=True)
+
+
+@app.command("chaos")
+def chaos_command(
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model folder (default: the default model)."
+    ),
+    runs: int = typer.Option(30, "--runs", min=1, help="Operations, each cut by one kill -9."),
+    seed: int = typer.Option(0, "--seed", help="The same seed draws the same operations and kills."),
+    heal_timeout: float = typer.Option(
+        120.0, "--heal-timeout", min=1, help="Seconds a run may take to heal."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """kill -9 the CLI, the controller, the router or a replica during create/update/scale/delete;
+    no command after it: the endpoint must heal by itself (InService or fully gone)."""
+    from twinserve.bench.chaos_bench import ChaosConfig, run_chaos
+
+    cfg = ChaosConfig(
+        model=str(_model_or_default(model).resolve()), runs=runs, seed=seed, heal_timeout_s=heal_timeout
+    )
+    with err.status("chaos …") as status:
+
+        def progress(message: str) -> None:
+            err.print(f"[dim]{message}[/dim]", highlight=False)
+            status.update(message)
+
+        report = run_chaos(cfg, progress=progress)
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        table = Table(title=f"{runs} operations, one kill -9 each")
+        for column in ("run", "operation", "killed", "after", "healed", "in", "violations"):
+            table.add_column(column, justify="right" if column in ("run", "after", "in") else "left")
+        for r in report.runs:
+            table.add_row(
+                str(r.index + 1),
+                r.operation,
+                r.killed or "nothing",
+                f"{r.kill_after_s:.1f} s",
+                r.outcome or "NO",
+                "" if r.heal_s is None else f"{r.heal_s:.1f} s",
+                "; ".join(r.violations),
+            )
+        out.print(table)
+        kills = ", ".join(f"{k} {n}" for k, n in sorted(report.kills_by_target.items()))
+        p50 = "-" if report.heal_s_p50 is None else f"{report.heal_s_p50:.1f}"
+        worst = "-" if report.heal_s_max is None else f"{report.heal_s_max:.1f}"
+        out.print(
+            f"kills: {kills}; heal time p50 {p50} s, max {worst} s; invariant violations {report.violations}"
+        )
+    if report.violations:
+        raise typer.Exit(1)
 
 
 def _model_or_default(model: Path | None) -> Path:

@@ -491,25 +491,38 @@ def autoscale_command(
 @app.command("reconcile")
 def reconcile_command(
     name: str | None = typer.Argument(None, help="Endpoint name (default: every endpoint)."),
+    every: bool = typer.Option(False, "--all", help="Every local endpoint (what no name does too)."),
 ) -> None:
-    """Repair after a crash: recover interrupted operations, replace dead replicas, restart the
-    router (same URL) and the controller."""
-    from twinserve.errors import NotFoundError
+    """Repair after a crash or a reboot: recover interrupted operations, replace dead replicas,
+    restart the router (same URL) and the controller. One endpoint's failure does not stop the
+    others (exit 1 at the end)."""
+    from twinserve.errors import NotFoundError, TwinserveError
 
+    if name and every:
+        fail("name an endpoint or pass --all, not both", 2)
     if name:
         manager = _local(name)
         names = [name]
     else:
         manager = _manager()
         names = [e.name for e in manager.store.list_endpoints() if e.config.platform.type == "local"]
+    failed = 0
     for each in names:
         try:
             actions = manager.reconcile(
                 each, ensure_controller=True, progress=lambda m: err.print(f"[dim]{m}[/dim]")
             )
         except NotFoundError as exc:
-            fail(exc.message)
+            if name:
+                fail(exc.message)
+            continue  # deleted since the list was read
+        except TwinserveError as exc:
+            failed += 1
+            err.print(f"[red]{each}: {exc.message}[/red]", highlight=False)
+            continue
         out.print(f"{each}: {'; '.join(actions) if actions else 'nothing to do'}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("export-scaling")

@@ -3,6 +3,8 @@
 Pure logic: no I/O, no threads, time from an injected clock. A controller samples the router
 about once a second, feeds each variant's `LoadSample` to `Autoscaler.observe`, asks `decide`,
 applies a decision it gets and then calls `scaled` (which starts cooldowns and clears the window).
+A controller that restarts calls `restore` with the times of the last recorded scaling events, so
+cooldowns outlive the process.
 
 Window: the samples of a variant no older than `lookback_s` by the clock.
 
@@ -204,6 +206,13 @@ class Autoscaler:
         state.last_scaling = now
         state.samples.clear()
         state.since = None
+
+    def restore(self, variant: str, *, last_scaling: float | None, last_scale_out: float | None) -> None:
+        """Resume cooldowns from an earlier process (times on this clock; None: never scaled).
+
+        The window starts empty: its samples were not kept, and a scale-in waits for a full one."""
+        state = self._get(variant)
+        state.last_scaling, state.last_scale_out = last_scaling, last_scale_out
 
     # --- rules ---
 

@@ -3,9 +3,11 @@
 Several processes share it (the CLI that creates an endpoint, a later `describe`, the
 router's control loop), so every write is one transaction: `BEGIN IMMEDIATE` takes the write
 lock up front (no read-then-upgrade deadlock), WAL lets readers go on meanwhile, and a busy
-timeout makes a second writer wait instead of failing. Endpoint writes are optimistic as well:
-each row carries a `revision`, and `put_endpoint` refuses a stale one (ConflictError), so two
-control planes never silently overwrite each other's decision.
+timeout makes a second writer wait instead of failing. Every endpoint write that can race is a
+read-change-write inside one such transaction (`update_endpoint`), so no write is lost; the
+desired state (config, generation, target, counts) is changed only by the process holding the
+endpoint's operation; a blind write (`put_endpoint`) carries the row's `revision` and a stale
+one is refused (ConflictError), so two control planes never silently overwrite each other.
 
 Operations are leases (`OperationHolder`: host, pid, start time): a dead holder is known dead at
 once, and `end_operation` refuses a process whose operation was taken over meanwhile (a delete
@@ -83,6 +85,12 @@ def _leases_from_pids(db: sqlite3.Connection) -> None:
 
 # _MIGRATIONS[v] brings a store from version v to v + 1 (0: a new file, its tables just created)
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: lambda db: None, 1: _leases_from_pids}
+
+
+def _desired_state(ep: Endpoint) -> tuple[object, ...]:
+    """What an endpoint should run, as opposed to what was observed of it."""
+    counts = [(v.name, v.desired_replicas) for v in ep.variants]
+    return (ep.config, ep.generation, ep.target, ep.target_share, counts)
 
 
 def default_state_path() -> Path:
@@ -177,20 +185,29 @@ class StateStore:
             return [self._read(db, n) for n in names]
 
     def update_endpoint(self, name: str, change: Callable[[Endpoint], Endpoint]) -> Endpoint:
-        """Read, change and write in one transaction: no other writer in between, no conflict.
+        """Read, change and write in one transaction: no other writer in between, no lost update.
 
-        ConflictError for a change that would move a Deleting endpoint out of Deleting, unless this
-        process holds the delete: an operation the delete displaced must not revive it."""
+        Two kinds of change are the operation holder's alone (ConflictError for anyone else, e.g.
+        a process whose operation a delete or a recovery took over meanwhile):
+        - any change to a Deleting endpoint: an operation the delete displaced must neither
+          revive it nor record a process it started (it stops that process instead);
+        - the desired state: config, generation, update target and traffic share, desired counts.
+        Everything else (a router's URL, a probed state) is observed, and any process may write it."""
         with self._tx() as db:
             current = self._read(db, name)
             changed = change(current)
-            holder = current.operation_holder
-            if (
-                current.status is EndpointStatus.DELETING
-                and changed.status is not EndpointStatus.DELETING
-                and not (holder is not None and holder.is_this_process())
-            ):
+            holds = any(
+                h is not None and h.is_this_process()
+                for h in (current.operation_holder, changed.operation_holder)
+            )
+            if current.status is EndpointStatus.DELETING and not holds:
                 raise ConflictError(f"endpoint {name!r} is being deleted")
+            if not holds and _desired_state(changed) != _desired_state(current):
+                who = current.operation_holder.describe() if current.operation_holder else "no one"
+                raise ConflictError(
+                    f"endpoint {name!r}: only the operation holding it changes what it should run "
+                    f"(held by {who}); begin an operation first"
+                )
             return self._write(db, changed, check_revision=False)
 
     def begin_operation(

@@ -92,6 +92,27 @@ def test_scale_out_cooldown() -> None:
     assert d is not None and d.to_replicas == 6
 
 
+def test_restored_cooldowns_hold_as_if_the_process_had_never_restarted() -> None:
+    a, clock = scaler(tracking(scale_out_cooldown_s=60, scale_in_cooldown_s=300))
+    # a new process: the last scaling (a scale-out) was 30 s ago by the recorded events
+    a.restore("primary", last_scaling=clock.t - 30, last_scale_out=clock.t - 30)
+    feed(a, clock, 1, replicas=2, in_flight=24)
+    assert a.decide("primary", 2) is None  # still within the scale-out cooldown
+    clock.t += 30
+    feed(a, clock, 1, replicas=2, in_flight=24)
+    d = a.decide("primary", 2)
+    assert d is not None and d.to_replicas == 6
+    # scale-in: the restored last scaling holds it back for its cooldown, full window or not
+    b, clock = scaler(tracking(scale_in_cooldown_s=300))
+    b.restore("primary", last_scaling=clock.t - 100, last_scale_out=None)
+    feed(b, clock, 20, replicas=4, in_flight=0)
+    assert b.decide("primary", 4) is None  # 120 s since the last scaling < 300
+    clock.t += 180
+    feed(b, clock, 20, replicas=4, in_flight=0)
+    d = b.decide("primary", 4)
+    assert d is not None and d.to_replicas == 1
+
+
 def test_replicas_still_starting_are_not_counted_twice() -> None:
     """current counts a replica that is not healthy yet: the load, not metric x current, decides."""
     a, clock = scaler(tracking(scale_out_cooldown_s=0))

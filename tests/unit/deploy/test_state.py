@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import dead_holder
 from twinserve.deploy.spec import (
     Endpoint,
     EndpointConfig,
@@ -122,7 +123,7 @@ store = StateStore(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
     def bump(ep):
         v = ep.variants[0]
-        return ep.model_copy(update={"variants": [v.model_copy(update={"desired_replicas": v.desired_replicas + 1})]})
+        return ep.model_copy(update={"variants": [v.model_copy(update={"current_replicas": v.current_replicas + 1})]})
     store.update_endpoint("twin", bump)
     store.record_event(ScalingEvent(endpoint="twin", variant="primary", from_replicas=0, to_replicas=1,
                                     reason=sys.argv[3]))
@@ -143,7 +144,27 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
     assert [p.wait(120) for p in procs] == [0, 0]
     endpoint = store.get_endpoint("twin")
     # every read-modify-write landed: none lost to the other process
-    assert endpoint.variants[0].desired_replicas == 2 + 2 * n
+    assert endpoint.variants[0].current_replicas == 2 * n
     assert endpoint.revision == 1 + 2 * n
     reasons = [e.reason for e in store.events("twin")]
     assert reasons.count("a") == n and reasons.count("b") == n
+
+
+def test_only_the_operation_holder_changes_the_desired_state(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    store.put_endpoint(_endpoint())
+
+    def more(ep: Endpoint) -> Endpoint:
+        v = ep.variants[0]
+        return ep.model_copy(update={"variants": [v.model_copy(update={"desired_replicas": 5})]})
+
+    with pytest.raises(ConflictError, match="only the operation holding it"):
+        store.update_endpoint("twin", more)  # nobody holds it
+    # observed fields are anyone's to write
+    store.update_endpoint("twin", lambda e: e.model_copy(update={"url": "http://127.0.0.1:9"}))
+    store.begin_operation("twin", "scale")
+    assert store.update_endpoint("twin", more).variants[0].desired_replicas == 5
+    # a holder that lost the endpoint (taken over by another process) may no longer change it
+    store.update_endpoint("twin", lambda e: e.model_copy(update={"operation_holder": dead_holder()}))
+    with pytest.raises(ConflictError, match="only the operation holding it"):
+        store.update_endpoint("twin", lambda e: e.model_copy(update={"generation": 2}))

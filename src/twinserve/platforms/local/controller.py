@@ -1,20 +1,26 @@
 """An endpoint's controller: `python -m twinserve.platforms.local.controller --endpoint NAME`.
 
-One detached process per endpoint (started by `create`, restarted by `endpoint reconcile`)
-does what SageMaker's control plane does for an endpoint in the background:
-- every `--interval` s it samples the router's load per variant (`/router/stats`) — and, for
-  an async endpoint, the job service's backlog (`/async/stats`) — into the autoscaler's window and applies the policy's decision with `LocalPlatform.scale`,
-  recording a ScalingEvent;
-- every `--reconcile-every` s it reconciles: replaces dead replicas, restarts a dead router,
-  recovers an operation whose process died.
-It acts only while the endpoint is InService and no other operation holds it; it exits when
-the endpoint is deleted, and on SIGTERM (it holds no requests: nothing to drain).
+One detached process per endpoint (started by `create` before anything else, restarted by the
+router or `endpoint reconcile`) does what SageMaker's control plane does for an endpoint in the
+background, in two threads so that neither waits for the other:
+- autoscaling: every `--interval` s it samples the router's load per variant (`/router/stats`)
+  — and, for an async endpoint, the job service's backlog (`/async/stats`) — into the
+  autoscaler's window and applies the policy's decision with `LocalPlatform.scale`, recording a
+  ScalingEvent; cooldowns restart from the recorded events, so a restarted controller keeps them;
+- reconciling: every `--reconcile-every` s it replaces dead replicas, restarts a dead router
+  (even while a scale or an update holds the endpoint), and finishes or undoes an operation
+  whose process died (a create the CLI started is finished: the CLI is only a client).
+It scales only while the endpoint is InService and no other operation holds it. It works for the
+endpoint only while the state names it (`controller_pid`: one controller per endpoint, and it
+may be started before the endpoint is written); it exits when the endpoint is deleted, when
+another controller is named, and on SIGTERM (it holds no requests: nothing to drain).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,7 +30,8 @@ from pathlib import Path
 import httpx
 
 from twinserve.deploy.autoscale import Autoscaler, LoadSample
-from twinserve.deploy.spec import Endpoint, EndpointStatus, traffic_group
+from twinserve.deploy.lease import utcnow
+from twinserve.deploy.spec import Endpoint, EndpointStatus, ScalingEvent, traffic_group
 from twinserve.deploy.state import StateStore
 from twinserve.errors import ConflictError, NotFoundError, TwinserveError
 from twinserve.platforms.local.daemons import configure_logging
@@ -36,6 +43,8 @@ log = logging.getLogger("twinserve.controller")
 
 MODULE = "twinserve.platforms.local.controller"
 _MAX_BACKOFF_S = 300.0
+# a controller started before its endpoint is written (create) waits this long to be named in it
+NAMED_WITHIN_S = 30.0
 
 
 class Controller:
@@ -48,11 +57,17 @@ class Controller:
         *,
         reconcile_every: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        pid: int | None = None,
     ) -> None:
         self.manager = manager
         self.name = name
         self.reconcile_every = reconcile_every
         self.clock = clock
+        # the controller process's pid: it acts only while the endpoint names it (None: tests
+        # driving `step` in their own process)
+        self.pid = pid
+        self._started = clock()
+        self._named = False
         self._autoscaler: Autoscaler | None = None
         self._scaler_key: tuple[int, str] | None = None  # (generation, policy json) it was built for
         self._routed: dict[str, int] = {}  # last routed_total per traffic group
@@ -60,29 +75,56 @@ class Controller:
         self._reconcile_failures = 0
 
     def step(self) -> bool:
-        """One tick; False once the endpoint is gone (the loop ends)."""
+        """One tick of both jobs (tests drive it); False once the endpoint is gone."""
+        return self.reconcile_tick() and self.autoscale_tick()
+
+    def current(self) -> Endpoint | None:
+        """The endpoint, when this controller is the one in charge of it; None once it is gone
+        or another controller is named (so this one exits). Before it is first named (it may be
+        started before the endpoint is written), it waits up to NAMED_WITHIN_S."""
         try:
             endpoint = self.manager.store.get_endpoint(self.name)
         except NotFoundError:
-            return False
+            endpoint = None
+        if self.pid is None or (endpoint is not None and endpoint.controller_pid == self.pid):
+            self._named = endpoint is not None
+            return endpoint
+        if not self._named and self.clock() - self._started < NAMED_WITHIN_S:
+            raise _NotYetNamed
+        return None
+
+    def reconcile_tick(self) -> bool:
+        """Reconcile when it is due (backing off after failures); False once the endpoint is gone."""
+        try:
+            if self.current() is None:
+                return False
+        except _NotYetNamed:
+            return True
         now = self.clock()
-        if now >= self._next_reconcile:
-            self._next_reconcile = now + self.reconcile_every
-            try:
-                self.manager.reconcile(self.name, progress=lambda action: log.info("reconcile: %s", action))
-                self._reconcile_failures = 0
-            except NotFoundError:
-                return False
-            except Exception:
-                # e.g. a replacement that crashes at start: back off (4, 8, 16 … 300 s), no tight loop
-                self._reconcile_failures += 1
-                delay = min(_MAX_BACKOFF_S, self.reconcile_every * 2**self._reconcile_failures)
-                self._next_reconcile = now + delay
-                log.exception("reconcile failed; next try in %.0fs", delay)
-            try:
-                endpoint = self.manager.store.get_endpoint(self.name)
-            except NotFoundError:
-                return False
+        if now < self._next_reconcile:
+            return True
+        self._next_reconcile = now + self.reconcile_every
+        try:
+            self.manager.reconcile(self.name, progress=lambda action: log.info("reconcile: %s", action))
+            self._reconcile_failures = 0
+        except NotFoundError:
+            return False
+        except Exception:
+            # e.g. a replacement that crashes at start: back off (4, 8, 16 … 300 s), no tight loop
+            self._reconcile_failures += 1
+            delay = min(_MAX_BACKOFF_S, self.reconcile_every * 2**self._reconcile_failures)
+            self._next_reconcile = now + delay
+            log.exception("reconcile failed; next try in %.0fs", delay)
+        return True
+
+    def autoscale_tick(self) -> bool:
+        """Sample the load and apply the policy's decision; False once the endpoint is gone."""
+        try:
+            endpoint = self.current()
+        except _NotYetNamed:
+            return True
+        if endpoint is None:
+            return False
         if endpoint.status is EndpointStatus.IN_SERVICE and endpoint.operation is None:
             self._autoscale(endpoint)
         return True
@@ -94,9 +136,25 @@ class Controller:
         key = (endpoint.generation, policy.model_dump_json())
         if self._scaler_key != key:  # a new config: its own window and cooldowns
             variants = [v.name for v in endpoint.config.variants]
-            self._autoscaler = Autoscaler(policy, variants, clock=self.clock)
-            self._scaler_key = key
+            scaler = Autoscaler(policy, variants, clock=self.clock)
+            if self._scaler_key is None:  # this process's first: the cooldowns go on from the events
+                self._restore_cooldowns(scaler, self.manager.store.events(self.name, limit=50))
+            self._autoscaler, self._scaler_key = scaler, key
         return self._autoscaler
+
+    def _restore_cooldowns(self, scaler: Autoscaler, events: list[ScalingEvent]) -> None:
+        """Cooldowns that survive a restart: each variant's last scaling (and last scale-out)
+        from the recorded events, moved from wall-clock time onto this process's clock."""
+        now_wall, now = utcnow(), self.clock()
+        for variant in scaler.variants:
+            mine = [e for e in events if e.variant == variant]
+            last = mine[-1] if mine else None
+            outs = [e for e in mine if e.to_replicas > e.from_replicas > 0]
+            on_clock = {
+                label: None if e is None else now - (now_wall - e.time).total_seconds()
+                for label, e in (("scaling", last), ("out", outs[-1] if outs else None))
+            }
+            scaler.restore(variant, last_scaling=on_clock["scaling"], last_scale_out=on_clock["out"])
 
     def _autoscale(self, endpoint: Endpoint) -> None:
         scaler = self._scaler(endpoint)
@@ -153,17 +211,33 @@ class Controller:
         return int(response.json()["backlog"])
 
 
+class _NotYetNamed(Exception):
+    """The controller was started before its endpoint names it: wait, do nothing yet."""
+
+
 def run(manager: LocalPlatform, name: str, *, interval: float = 1.0, reconcile_every: float = 2.0) -> None:
-    """Tick until the endpoint is deleted or SIGTERM/SIGINT arrives."""
+    """Autoscale (here) and reconcile (a thread) until the endpoint is deleted, another
+    controller is named, or SIGTERM/SIGINT arrives."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    controller = Controller(manager, name, reconcile_every=reconcile_every)
+    controller = Controller(manager, name, reconcile_every=reconcile_every, pid=os.getpid())
     log.info("controlling endpoint %r", name)
+    reconciling = threading.Thread(
+        target=_loop, args=(controller.reconcile_tick, min(interval, reconcile_every), stop), daemon=True
+    )
+    reconciling.start()
+    _loop(controller.autoscale_tick, interval, stop)
+    reconciling.join(timeout=30)
+    log.info("no longer controlling endpoint %r; exiting", name)
+
+
+def _loop(tick: Callable[[], bool], interval: float, stop: threading.Event) -> None:
+    """Run `tick` every `interval` s until it returns False (then stop the other loop too)."""
     while not stop.is_set():
         try:
-            if not controller.step():
-                log.info("endpoint %r is gone; exiting", name)
+            if not tick():
+                stop.set()
                 return
         except Exception:  # one bad tick (a store hiccup) must not end the control loop
             log.exception("control step failed")

@@ -12,6 +12,7 @@ import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,19 +32,40 @@ class Daemon:
 
     module: str
     log_name: str
-    # children started by this process: waited on, so none lingers here as a zombie
-    _children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # children started by this process, per endpoint: waited on, so none lingers here as a zombie
+    _children: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
 
     def start(self, endpoint: str, args: list[str], log_dir: Path) -> subprocess.Popen[bytes]:
         log_dir.mkdir(parents=True, exist_ok=True)
-        old = self._children.pop(endpoint, None)
-        if old is not None:
-            old.poll()  # reap a predecessor that died
+        # reap predecessors that died
+        kept = [p for p in self._children.get(endpoint, []) if p.poll() is None]
         cmd = [sys.executable, "-m", self.module, "--endpoint", endpoint, *args]
         with (log_dir / self.log_name).open("ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self._children[endpoint] = proc
+        self._children[endpoint] = [*kept, proc]
         return proc
+
+    def start_recorded(
+        self,
+        endpoint: str,
+        args: list[str],
+        log_dir: Path,
+        record: Callable[[subprocess.Popen[bytes]], object],
+    ) -> subprocess.Popen[bytes]:
+        """Start it and `record` its pid in the endpoint; if the record is refused (the endpoint
+        is being deleted, or gone) the process is killed at once: nobody would ever stop it."""
+        proc = self.start(endpoint, args, log_dir)
+        try:
+            record(proc)
+        except BaseException:
+            kill_group(proc.pid)
+            proc.wait(10)
+            self._forget(endpoint, proc)
+            raise
+        return proc
+
+    def _forget(self, endpoint: str, proc: subprocess.Popen[bytes]) -> None:
+        self._children[endpoint] = [p for p in self._children.get(endpoint, []) if p is not proc]
 
     def is_ours(self, pid: int | None, endpoint: str) -> bool:
         """`pid` is alive and runs this module for `endpoint`."""
@@ -51,14 +73,15 @@ class Daemon:
         return cmdline is not None and self.module in cmdline and has_option(cmdline, "--endpoint", endpoint)
 
     def exited(self, endpoint: str) -> int | None:
-        """Exit code of the child this process started for `endpoint`; None if running or not ours."""
-        proc = self._children.get(endpoint)
-        return None if proc is None else proc.poll()
+        """Exit code of the last child this process started for `endpoint`; None if running or not ours."""
+        children = self._children.get(endpoint)
+        return children[-1].poll() if children else None
 
     def stop(self, endpoint: str, pid: int | None, timeout: float) -> None:
         """SIGTERM (it drains and exits 0), then SIGKILL its group after `timeout`; idempotent."""
-        proc = self._children.pop(endpoint, None)
-        if proc is not None and proc.pid == pid:
+        proc = next((p for p in self._children.get(endpoint, []) if p.pid == pid), None)
+        if proc is not None:
+            self._forget(endpoint, proc)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -67,7 +90,5 @@ class Daemon:
                     kill_group(proc.pid)
                     proc.wait(10)
             return
-        if proc is not None:
-            proc.poll()
         if pid is not None and self.is_ours(pid, endpoint):
             terminate(pid, timeout)

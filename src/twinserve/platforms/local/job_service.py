@@ -37,10 +37,14 @@ class JobService:
         port = reclaim_port(endpoint.async_url)
         name = endpoint.name
         args = ["--port", str(port), "--state", str(self.store.path), "--home", str(self.home)]
-        proc = self.daemon.start(name, args, log_dir)
         url = f"http://127.0.0.1:{port}"
-        self.store.update_endpoint(
-            name, lambda ep: ep.model_copy(update={"async_url": url, "async_pid": proc.pid})
+        proc = self.daemon.start_recorded(
+            name,
+            args,
+            log_dir,
+            lambda started: self.store.update_endpoint(
+                name, lambda ep: ep.model_copy(update={"async_url": url, "async_pid": started.pid})
+            ),
         )
         if wait_until_healthy(url, _START_TIMEOUT_S, gone=lambda: proc.poll() is not None, path=HEALTH_PATH):
             return

@@ -12,6 +12,7 @@ which `ps` shows to every user.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from datetime import timedelta
@@ -27,6 +28,8 @@ from twinserve.errors import ModelLoadError, NotFoundError
 from twinserve.platforms.local.processes import has_option, live_cmdline, terminate
 from twinserve.platforms.local.runtime import ReplicaStartError
 from twinserve.server.process import ServerProcess, free_port, is_healthy, tail_lines
+
+log = logging.getLogger("twinserve.runtime")
 
 # after the drain, the engine stops and the interpreter exits: a few seconds more before SIGKILL
 _EXIT_GRACE_S = 10.0
@@ -89,6 +92,20 @@ class LocalRuntime:
     def start_replica(
         self, endpoint: EndpointConfig, variant: VariantConfig, *, generation: int = 1
     ) -> ReplicaRecord:
+        """See `Runtime.start_replica`. A replica killed by a signal while it loaded, by someone
+        other than the control plane (which removes the row of a replica it stops), is started
+        once more; a load that fails by itself fails at once."""
+        try:
+            return self._start_replica(endpoint, variant, generation)
+        except ReplicaStartError as exc:
+            if not exc.killed:
+                raise
+            log.warning("%s was killed while it loaded; starting another", exc.record.id)
+            return self._start_replica(endpoint, variant, generation)
+
+    def _start_replica(
+        self, endpoint: EndpointConfig, variant: VariantConfig, generation: int
+    ) -> ReplicaRecord:
         replica_id = f"{endpoint.name}-{variant.name}-{secrets.token_hex(3)}"
         log_path = self.log_path(endpoint.name, replica_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +141,11 @@ class LocalRuntime:
             record = self.store.update_replica(record.model_copy(update={"pid": proc.proc.pid}))
             proc.wait_healthy(endpoint.startup_timeout_s)
         except BaseException as exc:
+            signalled = (proc.proc.poll() or 0) < 0  # before our own kill below
+            if signalled:  # a stop by the control plane marks the row first: not worth a retry
+                signalled = False
+                with contextlib.suppress(NotFoundError):
+                    signalled = self.store.get_replica(replica_id).state is ReplicaState.STARTING
             proc.kill()
             self.store.remove_replica(replica_id)
             if isinstance(exc, ModelLoadError):
@@ -132,6 +154,7 @@ class LocalRuntime:
                     f"model {variant.load_ref}) did not become healthy",
                     record=record,
                     log_tail=_log_tail(log_path, _LOG_TAIL_LINES, skip_probes=True),
+                    killed=signalled,
                 ) from exc
             raise
         served = _model_version(record.url)

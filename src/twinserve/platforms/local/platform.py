@@ -1,8 +1,9 @@
 """The control plane of real-time endpoints on one machine.
 
 ```
-create:    Creating ─► replicas (healthy) ─► router ─► [job service] ─► controller ─► InService
-           any failure ─► stop what was started ─► Failed (reason: the replica's log tail) ─► raise
+create:    controller ─► Creating ─► replicas (healthy) ─► router ─► [job service] ─► InService
+           any failure (Ctrl-C included) ─► stop what was started ─► Failed (reason: the
+           replica's log tail) ─► raise; the CLI killed ─► the controller finishes the create
 update:    Updating ─► green replicas (generation N+1) healthy in the router ─► traffic to green in
            steps (canary %, bake) ─► commit ─► blue drained and stopped ─► InService
            green fails to start, dies or errors while baking ─► RollingBack ─► green stopped ─►
@@ -10,7 +11,8 @@ update:    Updating ─► green replicas (generation N+1) healthy in the router
 scale:     Updating ─► start (or drain and stop) replicas of one variant ─► event ─► InService
 reconcile: recover an interrupted operation, retire stale generations, replace dead replicas,
            meet desired counts, restart a dead router (same URL) and controller
-delete:    Deleting ─► controller, router (drains), every replica (drains) ─► state forgotten
+delete:    Deleting ─► router (drains), every replica (drains) ─► state forgotten ─► controller
+           (it stays to the end: if the CLI dies, the controller finishes the delete)
 ```
 Everything lives in processes that outlive the caller, so any later CLI process (or the
 endpoint's controller) acts from the state store alone. One operation holds an endpoint at a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -136,11 +139,30 @@ class LocalPlatform:
             raise ValidationError(
                 f"endpoint {config.name!r} is for platform {config.platform.type!r}, not local"
             )
+        with contextlib.suppress(NotFoundError):  # refused before anything starts (put_endpoint rechecks)
+            self.store.get_endpoint(config.name)
+            raise ConflictError(f"endpoint {config.name!r} already exists")
         config = pin_config(config, progress)  # before anything is recorded: an unknown alias is a 404
-        new = Endpoint.new(config).model_copy(
-            update={"operation": "create", "operation_holder": OperationHolder.this_process()}
+        # the controller first: from the moment the endpoint exists something supervises it, and
+        # finishes the create if this process dies (it waits to be named in the new record)
+        supervisor = (
+            self.controller.start(config.name, self._controller_args(), self.endpoint_dir(config.name))
+            if controller
+            else None
         )
-        self.store.put_endpoint(new)
+        new = Endpoint.new(config).model_copy(
+            update={
+                "operation": "create",
+                "operation_holder": OperationHolder.this_process(),
+                "controller_pid": supervisor.pid if supervisor else None,
+            }
+        )
+        try:
+            self.store.put_endpoint(new)
+        except BaseException:
+            if supervisor is not None:
+                self.controller.stop(config.name, supervisor.pid, _EXIT_GRACE_S)
+            raise
         progress(f"endpoint {config.name!r} is Creating")
         if not wait:
             self._provision_detached(config.name, controller)
@@ -153,14 +175,7 @@ class LocalPlatform:
         config = endpoint.config
         try:
             self.start_replicas(config, [(v, v.replicas) for v in config.variants], 1, progress)
-            progress("starting the router")
-            self.start_router(self.store.get_endpoint(name))
-            progress("router is up")
-            if config.async_inference is not None:
-                progress("starting the job service (async invocations)")
-                self.start_job_service(self.store.get_endpoint(name))
-            if controller:
-                self.start_controller(name)
+            self._reconciler.bring_up(name, controller=controller, progress=progress)
         except BaseException as exc:  # Ctrl-C included: nothing may be left running
             reason = str(exc) or type(exc).__name__
             progress("start-up failed; stopping what was started")
@@ -260,10 +275,14 @@ class LocalPlatform:
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
         args += ["--home", str(self.home)]  # so it can restart the controller
-        proc = self.router.start(name, args, self.endpoint_dir(name))
         url = f"http://127.0.0.1:{port}"
-        self.store.update_endpoint(
-            name, lambda ep: ep.model_copy(update={"url": url, "router_pid": proc.pid})
+        proc = self.router.start_recorded(
+            name,
+            args,
+            self.endpoint_dir(name),
+            lambda started: self.store.update_endpoint(
+                name, lambda ep: ep.model_copy(update={"url": url, "router_pid": started.pid})
+            ),
         )
         # scaled to zero (async), there is no replica to be healthy with: the router just has to serve
         needs_replica = with_replicas and any(endpoint.desired(v.name) for v in endpoint.config.variants)
@@ -301,10 +320,32 @@ class LocalPlatform:
         finally:
             self.store.end_operation(name, EndpointStatus.IN_SERVICE)
 
+    def restart_router(self, name: str) -> bool:
+        """Start the router if it is down; True if it was. One start at a time across processes
+        (a file lock): the controller may do it beside an operation, which may too. It returns
+        once the router serves (`/router/live`), whether or not a replica is routed yet."""
+        lock = self.endpoint_dir(name) / "router.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when this process dies, too
+            endpoint = self.store.get_endpoint(name)
+            if self.router_alive(endpoint):
+                return False
+            self.start_router(endpoint, with_replicas=False)
+            return True
+
     def start_controller(self, name: str) -> None:
-        args = ["--state", str(self.store.path), "--home", str(self.home)]
-        proc = self.controller.start(name, args, self.endpoint_dir(name))
-        self.store.update_endpoint(name, lambda ep: ep.model_copy(update={"controller_pid": proc.pid}))
+        self.controller.start_recorded(
+            name,
+            self._controller_args(),
+            self.endpoint_dir(name),
+            lambda started: self.store.update_endpoint(
+                name, lambda ep: ep.model_copy(update={"controller_pid": started.pid})
+            ),
+        )
+
+    def _controller_args(self) -> list[str]:
+        return ["--state", str(self.store.path), "--home", str(self.home)]
 
     def start_job_service(self, endpoint: Endpoint) -> None:
         """Start an async endpoint's job service (see `platforms.local.job_service`)."""
@@ -546,8 +587,11 @@ class LocalPlatform:
 
     # ------------------------------------------------------------ delete
     def delete(self, name: str, *, progress: Progress = _quiet) -> bool:
-        """Stop the controller, drain and stop the router and every replica, forget the endpoint;
-        False if none existed."""
+        """Drain and stop the router and every replica, forget the endpoint, then stop its
+        controller; False if none existed.
+
+        The controller stays to the end: in Deleting it starts nothing, and if this process
+        dies it finishes the delete (it recovers the interrupted operation)."""
         try:
             before = self.store.get_endpoint(name)
             displaced, displaced_op = before.operation_holder, before.operation
@@ -555,7 +599,8 @@ class LocalPlatform:
         except NotFoundError:
             return False
         progress(f"endpoint {name!r} is Deleting")
-        self.stop_all(name, endpoint.config.drain_timeout_s)
+        drain = endpoint.config.drain_timeout_s
+        self.stop_all(name, drain, keep_controller=True)
         if displaced is not None and not displaced.is_this_process() and displaced.alive():
             # an operation in flight (a CLI's update or scale) finds its writes refused and stops
             # what it started; wait for it, then sweep whatever it started before it noticed
@@ -563,20 +608,29 @@ class LocalPlatform:
             until_gone = time.monotonic() + _DISPLACED_WAIT_S
             while displaced.alive() and time.monotonic() < until_gone:
                 time.sleep(0.2)
-            self.stop_all(name, endpoint.config.drain_timeout_s)
+            self.stop_all(name, drain, keep_controller=True)
+        with contextlib.suppress(NotFoundError):  # deleted meanwhile: a concurrent delete finished first
+            endpoint = self.store.get_endpoint(name)
         self.store.delete_endpoint(name)
+        self.controller.stop(name, self._controller_to_stop(endpoint), _EXIT_GRACE_S)  # it would exit anyway
         progress(f"endpoint {name!r} deleted")
         if not any(e.config.platform.type == self.name for e in self.store.list_endpoints()):
             stop_gateway(self.home)  # the last local endpoint is gone: nothing left to serve
         return True
 
-    def stop_all(self, name: str, drain_timeout: float) -> None:
-        """Controller first (it would replace what we stop), the job service next (no new jobs
-        leased), router next (no new requests reach replicas), then every replica in parallel."""
+    @staticmethod
+    def _controller_to_stop(endpoint: Endpoint) -> int | None:
+        """The controller to stop, unless it is this process (the controller finishing a delete)."""
+        return None if endpoint.controller_pid == os.getpid() else endpoint.controller_pid
+
+    def stop_all(self, name: str, drain_timeout: float, *, keep_controller: bool = False) -> None:
+        """Controller first (it would replace what we stop; `keep_controller`: a delete, when it
+        starts nothing), the job service next (no new jobs leased), router next (no new requests
+        reach replicas), then every replica in parallel."""
         with contextlib.suppress(NotFoundError):
             ep = self.store.get_endpoint(name)
-            if ep.controller_pid != os.getpid():  # the controller recovering a create stops the rest
-                self.controller.stop(name, ep.controller_pid, _EXIT_GRACE_S)
+            if not keep_controller:
+                self.controller.stop(name, self._controller_to_stop(ep), _EXIT_GRACE_S)
             self.job_service.stop(ep, drain_timeout + _EXIT_GRACE_S)
             self.router.stop(name, ep.router_pid, drain_timeout + _EXIT_GRACE_S)
         records = self.store.replicas(name)

@@ -18,10 +18,13 @@ class ReplicaStartError(ModelLoadError):
 
     error_type = "replica_start"
 
-    def __init__(self, message: str, *, record: ReplicaRecord, log_tail: str) -> None:
+    def __init__(self, message: str, *, record: ReplicaRecord, log_tail: str, killed: bool = False) -> None:
         super().__init__(f"{message}\n--- last log lines of {record.id} ---\n{log_tail}")
         self.record = record
         self.log_tail = log_tail
+        # killed by a signal from outside the control plane while it loaded (the OOM killer, a
+        # stray kill): worth one more try, unlike a load that fails on its own
+        self.killed = killed
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from twinserve.deploy.platform_config import PlatformName
 from twinserve.deploy.policies import AutoscalingPolicy
 from twinserve.deploy.spec import Endpoint, EndpointConfig, EndpointStatus, ScalingEvent, VariantState
 from twinserve.deploy.state import StateStore
-from twinserve.errors import ModelLoadError, NotFoundError, TwinserveError, ValidationError
+from twinserve.errors import ConflictError, ModelLoadError, NotFoundError, TwinserveError, ValidationError
 from twinserve.platforms.sagemaker import autoscaling, resources, steps
 from twinserve.platforms.sagemaker.clients import AwsClients, Region, aws_step
 from twinserve.platforms.sagemaker.create import PROVISION_S
@@ -123,9 +123,24 @@ class SageMakerPlatform:
         """Settle an operation whose process died, or an update left in flight, from what AWS
         reports (there is no controller to do it); BusyError while SageMaker still works on it."""
         ep = self.store.get_endpoint(name)
-        dead = ep.operation is not None and not (ep.operation_holder and ep.operation_holder.alive())
-        if dead or (ep.operation is None and ep.target is not None):
+        holder = ep.operation_holder
+        dead = ep.operation is not None and not (holder and holder.alive())
+        if not dead and not (ep.operation is None and ep.target is not None):
+            return
+        # hold it while settling: only an operation's holder changes what the endpoint runs
+        if dead:
+            self.store.take_over(name, holder)
+        else:
+            self.store.begin_operation(name, "settle")
+        try:
             settle_interrupted(self, name)
+        except BaseException:  # not settled (SageMaker is still at work): leave it as it was found
+            with contextlib.suppress(NotFoundError, ConflictError):
+                self.store.update_endpoint(
+                    name,
+                    lambda e: e.model_copy(update={"operation": ep.operation, "operation_holder": holder}),
+                )
+            raise
 
     def begin(self, name: str, operation: str, status: EndpointStatus) -> Endpoint:
         """Take the endpoint for `operation` (InService only), recovering an interrupted one first."""

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +19,14 @@ import pytest
 
 from tests.servers import dead_holder, until
 from twinserve.deploy.lease import utcnow
-from twinserve.deploy.spec import EndpointConfig, EndpointStatus, ReplicaRecord, ScalingEvent
+from twinserve.deploy.spec import (
+    Endpoint,
+    EndpointConfig,
+    EndpointStatus,
+    ReplicaRecord,
+    ReplicaState,
+    ScalingEvent,
+)
 from twinserve.errors import ConflictError, PortTakenError
 from twinserve.platforms.local.platform import LocalPlatform
 from twinserve.platforms.local.ports import port_of
@@ -80,12 +88,17 @@ def test_reconcile_heals_what_killed_starters_left(manager: LocalPlatform, tiny_
             start_deadline=utcnow() - timedelta(seconds=1),
         )
     )
+    # 4. a replica an interrupted scale-in had marked draining, its process still running
+    drained = manager.runtime.start_replica(config, config.variants[0])
+    manager.store.put_replica(drained.model_copy(update={"state": ReplicaState.DRAINING}))
     try:
         assert manager.runtime.find_orphans("twin") == [orphan.pid]
         actions = manager.reconcile("twin")
         assert any("without a record" in a and str(orphan.pid) in a for a in actions), actions
         assert any("twin-primary-nopid died" in a for a in actions), actions
         assert any("twin-primary-hung was not healthy by its start deadline" in a for a in actions), actions
+        assert any(f"{drained.id} was left draining" in a for a in actions), actions
+        assert drained.pid and not running(drained.pid)
         assert orphan.pid and not running(orphan.pid)
         assert hung.wait(30) is not None
         after = manager.describe("twin")
@@ -169,3 +182,64 @@ def test_a_router_that_cannot_have_its_port_back_fails_the_endpoint(
     after = manager.store.get_endpoint("twin")
     assert after.status is EndpointStatus.FAILED and after.url == endpoint.url  # never moved
     assert after.failure_reason and "is held by another process" in after.failure_reason
+
+
+def test_a_create_whose_creator_died_is_finished_by_its_controller(
+    manager: LocalPlatform, tiny_model_dir: Path
+) -> None:
+    # the CLI wrote the endpoint and started its controller, then was killed before any replica
+    creating = Endpoint.new(_config(tiny_model_dir)).model_copy(
+        update={"operation": "create", "operation_holder": dead_holder()}
+    )
+    manager.store.put_endpoint(creating)
+    manager.start_controller("twin")
+    assert until(lambda: manager.store.get_endpoint("twin").status is EndpointStatus.IN_SERVICE, 120)
+    ep = manager.describe("twin")
+    assert ep.operation is None and ep.url and manager.router_alive(ep)
+    assert [r.state.serves for r in ep.replicas] == [True]
+    response = httpx.post(
+        f"{ep.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60
+    )
+    assert response.status_code == 200
+
+
+def test_a_delete_whose_caller_died_is_finished_by_the_controller(
+    manager: LocalPlatform, tiny_model_dir: Path
+) -> None:
+    endpoint = manager.create(_config(tiny_model_dir))  # with its controller
+    pids = [r.pid for r in endpoint.replicas] + [endpoint.router_pid, endpoint.controller_pid]
+    # a delete took the endpoint and its process was killed before it stopped anything
+    manager.store.update_endpoint(
+        "twin",
+        lambda e: e.model_copy(
+            update={
+                "operation": "delete",
+                "operation_holder": dead_holder(),
+                "status": EndpointStatus.DELETING,
+            }
+        ),
+    )
+    assert until(lambda: manager.store.list_endpoints() == [], 60)
+    assert until(lambda: not any(running(pid or 0) for pid in pids), 30), pids
+
+
+def test_a_replica_killed_while_it_loads_is_started_again(
+    manager: LocalPlatform, tiny_model_dir: Path
+) -> None:
+    config = _config(tiny_model_dir)
+    manager.store.put_endpoint(Endpoint.new(config))
+    started: list[ReplicaRecord] = []
+    starter = threading.Thread(
+        target=lambda: started.append(manager.runtime.start_replica(config, config.variants[0]))
+    )
+    starter.start()
+
+    def loading() -> list[ReplicaRecord]:
+        return [r for r in manager.store.replicas("twin") if r.pid and r.state is ReplicaState.STARTING]
+
+    assert until(lambda: bool(loading()), 30)
+    first = loading()[0]
+    os.kill(first.pid or 0, signal.SIGKILL)  # e.g. the OOM killer: not the control plane's doing
+    starter.join(120)
+    assert started and started[0].id != first.id and started[0].state.serves
+    assert [r.id for r in manager.store.replicas("twin")] == [started[0].id]

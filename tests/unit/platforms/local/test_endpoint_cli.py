@@ -147,6 +147,9 @@ def test_update_scale_reconcile_export_up(home: Path, tiny_model_dir: Path, tmp_
 
     reconciled = runner.invoke(app, ["endpoint", "reconcile", "ops"])
     assert reconciled.exit_code == 0 and "ops:" in reconciled.output
+    every = runner.invoke(app, ["endpoint", "reconcile", "--all"])
+    assert every.exit_code == 0 and "ops:" in every.output, every.output
+    assert runner.invoke(app, ["endpoint", "reconcile", "ops", "--all"]).exit_code == 2
 
     exported = runner.invoke(app, ["endpoint", "export-scaling", "ops"])
     assert exported.exit_code == 0, exported.output

@@ -315,3 +315,42 @@ def test_the_controller_backs_off_from_a_replica_that_cannot_start(
     ep = manager.store.get_endpoint("twin")
     assert ep.status is EndpointStatus.IN_SERVICE and ep.operation is None
     assert ep.failure_reason and "reconcile failed" in ep.failure_reason
+
+
+def test_a_restarted_controller_keeps_the_cooldowns_of_the_recorded_events(
+    manager: LocalPlatform, tiny_model_dir: Path
+) -> None:
+    from datetime import timedelta
+
+    from twinserve.deploy.autoscale import LoadSample
+    from twinserve.deploy.lease import utcnow
+    from twinserve.deploy.policies import TargetTrackingPolicy
+    from twinserve.deploy.spec import Endpoint, ScalingEvent
+    from twinserve.platforms.local.controller import Controller
+
+    policy = {"type": "target_tracking", "target": 1, "max_replicas": 4, "scale_out_cooldown_s": 60}
+    config = _config(tiny_model_dir).model_copy(
+        update={"autoscaling": TargetTrackingPolicy.model_validate(policy)}
+    )
+    manager.store.put_endpoint(Endpoint.new(config).model_copy(update={"status": EndpointStatus.IN_SERVICE}))
+    # the controller that died had scaled out 20 s ago (wall clock)
+    manager.store.record_event(
+        ScalingEvent(
+            endpoint="twin",
+            variant="primary",
+            from_replicas=1,
+            to_replicas=2,
+            reason="earlier process",
+            time=utcnow() - timedelta(seconds=20),
+        )
+    )
+    now = [500.0]
+    controller = Controller(manager, "twin", clock=lambda: now[0])
+    scaler = controller._scaler(manager.store.get_endpoint("twin"))
+    assert scaler is not None
+    scaler.observe("primary", LoadSample(time=now[0], replicas=2, in_flight=8, invocations=0))
+    assert scaler.decide("primary", 2) is None  # 20 s into a 60 s cooldown: no scale-out yet
+    now[0] += 41
+    scaler.observe("primary", LoadSample(time=now[0], replicas=2, in_flight=8, invocations=0))
+    decision = scaler.decide("primary", 2)
+    assert decision is not None and decision.to_replicas == 4
