@@ -44,7 +44,9 @@ def test_small_run_is_consistent(tiny_model_dir: Path, capsys: pytest.CaptureFix
     assert chat is not None and [t.turn for t in chat.turns] == [1, 2]
     assert [t.first for t in chat.turns] == ["cache", "no-cache"]  # the first side alternates
     first, second = chat.turns
-    assert first.cache.cached_tokens == 0  # nothing was cached before turn 1 (warm-up is unrelated)
+    # turn 1: only the system prompt the conversations share can hit (a conversation that arrives a
+    # step after another finds it cached); the warm-up shares nothing with them
+    assert first.cache.cached_tokens < first.cache.prompt_tokens / 2
     assert second.cache.cached_tokens > first.cache.prompt_tokens / 2  # turn 2 re-sends turn 1
     assert chat.cache.prompt_tokens == chat.no_cache.prompt_tokens  # the same histories
     assert (chat.cache.requests, chat.no_cache.requests) == (4, 4)
