@@ -225,7 +225,8 @@ class Reconciler:
     def _reconcile_replicas(self, ep: Endpoint, did: Progress) -> None:
         name = ep.name
         replicas = self.manager.runtime.find_replicas(name)
-        stale = [r for r in replicas if r.generation != ep.generation and r.state.is_live]
+        # stopped ones too: their records (an update cut during its commit) would stay for ever
+        stale = [r for r in replicas if r.generation != ep.generation]
         if stale:
             did(f"retiring {len(stale)} replica(s) of an old generation")
             self.manager.retire(name, stale, ep.config.drain_timeout_s)

@@ -47,6 +47,13 @@ def _config(model: Path) -> EndpointConfig:
     )
 
 
+def _exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _never_healthy(manager: LocalPlatform, port: int) -> subprocess.Popen[bytes]:
     """A process whose command line reads like a replica's (`twinserve serve --port N`) that never
     answers /health: a model load that hangs."""
@@ -88,7 +95,21 @@ def test_reconcile_heals_what_killed_starters_left(manager: LocalPlatform, tiny_
             start_deadline=utcnow() - timedelta(seconds=1),
         )
     )
-    # 4. a replica an interrupted scale-in had marked draining, its process still running
+    # 4. the record of an old generation's replica whose process is gone (an update whose CLI was
+    #    killed while the commit stopped the old replicas)
+    port = free_port()
+    manager.store.put_replica(
+        ReplicaRecord(
+            id="twin-primary-oldgen",
+            endpoint="twin",
+            variant="primary",
+            pid=_exited_pid(),
+            port=port,
+            url=f"http://127.0.0.1:{port}",
+            generation=2,
+        )
+    )
+    # 5. a replica an interrupted scale-in had marked draining, its process still running
     drained = manager.runtime.start_replica(config, config.variants[0])
     manager.store.put_replica(drained.model_copy(update={"state": ReplicaState.DRAINING}))
     try:
@@ -98,6 +119,7 @@ def test_reconcile_heals_what_killed_starters_left(manager: LocalPlatform, tiny_
         assert any("twin-primary-nopid died" in a for a in actions), actions
         assert any("twin-primary-hung was not healthy by its start deadline" in a for a in actions), actions
         assert any(f"{drained.id} was left draining" in a for a in actions), actions
+        assert any("retiring 1 replica(s) of an old generation" in a for a in actions), actions
         assert drained.pid and not running(drained.pid)
         assert orphan.pid and not running(orphan.pid)
         assert hung.wait(30) is not None
