@@ -47,6 +47,12 @@ def _config(model: Path) -> EndpointConfig:
     )
 
 
+def _answers(url: str) -> bool:
+    """A short generation through the endpoint's URL succeeds."""
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+    return httpx.post(f"{url}/generate", json=body, timeout=60).status_code == 200
+
+
 def _exited_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -179,10 +185,7 @@ def test_the_router_and_the_controller_restart_each_other(
     assert until(lambda: restarted("router_pid", first.router_pid or 0), 60)
     healed = manager.store.get_endpoint("twin")
     assert healed.url == url  # on the same port
-    response = httpx.post(
-        f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60
-    )
-    assert response.status_code == 200
+    assert _answers(url)
 
 
 def test_a_router_that_cannot_have_its_port_back_fails_the_endpoint(
@@ -219,10 +222,7 @@ def test_a_create_whose_creator_died_is_finished_by_its_controller(
     ep = manager.describe("twin")
     assert ep.operation is None and ep.url and manager.router_alive(ep)
     assert [r.state.serves for r in ep.replicas] == [True]
-    response = httpx.post(
-        f"{ep.url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}, timeout=60
-    )
-    assert response.status_code == 200
+    assert _answers(ep.url)
 
 
 def test_a_delete_whose_caller_died_is_finished_by_the_controller(
