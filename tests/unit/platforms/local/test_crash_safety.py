@@ -13,6 +13,7 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -47,6 +48,13 @@ def _config(model: Path) -> EndpointConfig:
     )
 
 
+def _record(replica_id: str, port: int, **fields: Any) -> ReplicaRecord:
+    """A row of endpoint "twin" written by hand, as a starter killed at some point left it."""
+    return ReplicaRecord(
+        id=replica_id, endpoint="twin", variant="primary", port=port, url=f"http://127.0.0.1:{port}", **fields
+    )
+
+
 def _answers(url: str) -> bool:
     """A short generation through the endpoint's URL succeeds."""
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
@@ -77,44 +85,16 @@ def test_reconcile_heals_what_killed_starters_left(manager: LocalPlatform, tiny_
     orphan = manager.runtime.start_replica(config, config.variants[0])
     manager.store.remove_replica(orphan.id)
     # 2. a record whose process was never started (its starter died right after writing it)
-    port = free_port()
-    manager.store.put_replica(
-        ReplicaRecord(
-            id="twin-primary-nopid",
-            endpoint="twin",
-            variant="primary",
-            port=port,
-            url=f"http://127.0.0.1:{port}",
-        )
-    )
+    manager.store.put_replica(_record("twin-primary-nopid", free_port()))
     # 3. a start that hangs past its deadline, its starter gone (nobody would ever stop it)
     port = free_port()
     hung = _never_healthy(manager, port)
     manager.store.put_replica(
-        ReplicaRecord(
-            id="twin-primary-hung",
-            endpoint="twin",
-            variant="primary",
-            pid=hung.pid,
-            port=port,
-            url=f"http://127.0.0.1:{port}",
-            start_deadline=utcnow() - timedelta(seconds=1),
-        )
+        _record("twin-primary-hung", port, pid=hung.pid, start_deadline=utcnow() - timedelta(seconds=1))
     )
     # 4. the record of an old generation's replica whose process is gone (an update whose CLI was
     #    killed while the commit stopped the old replicas)
-    port = free_port()
-    manager.store.put_replica(
-        ReplicaRecord(
-            id="twin-primary-oldgen",
-            endpoint="twin",
-            variant="primary",
-            pid=_exited_pid(),
-            port=port,
-            url=f"http://127.0.0.1:{port}",
-            generation=2,
-        )
-    )
+    manager.store.put_replica(_record("twin-primary-oldgen", free_port(), pid=_exited_pid(), generation=2))
     # 5. a replica an interrupted scale-in had marked draining, its process still running
     drained = manager.runtime.start_replica(config, config.variants[0])
     manager.store.put_replica(drained.model_copy(update={"state": ReplicaState.DRAINING}))
