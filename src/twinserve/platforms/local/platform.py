@@ -266,11 +266,10 @@ class LocalPlatform:
             )
 
     # ------------------------------------------------------------ router and controller processes
-    def start_router(self, endpoint: Endpoint, *, with_replicas: bool = True) -> None:
-        """Start the router; on the port of its recorded URL when that is free (the URL is stable).
-
-        Waits until it routes to a healthy replica, or (`with_replicas=False`: replicas are yet
-        to be replaced) only until it serves."""
+    def _start_router(self, endpoint: Endpoint) -> None:
+        """Start the router on the port of its recorded URL when that is free (the URL is stable)
+        and wait until it serves (`/router/live`); whether it routes to a replica is for the
+        caller to wait for (`Reconciler.bring_up`)."""
         port = reclaim_port(endpoint.url, _ROUTER_PORT_WAIT_S, required=True)
         name, drain = endpoint.name, endpoint.config.drain_timeout_s
         args = ["--port", str(port), "--state", str(self.store.path), "--drain", f"{drain:g}"]
@@ -284,17 +283,13 @@ class LocalPlatform:
                 name, lambda ep: ep.model_copy(update={"url": url, "router_pid": started.pid})
             ),
         )
-        # scaled to zero (async), there is no replica to be healthy with: the router just has to serve
-        needs_replica = with_replicas and any(endpoint.desired(v.name) for v in endpoint.config.variants)
-        path = "/health" if needs_replica else "/router/live"
-        if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=lambda: proc.poll() is not None, path=path):
+        gone = lambda: proc.poll() is not None  # noqa: E731
+        if wait_until_healthy(url, _ROUTER_START_TIMEOUT_S, gone=gone, path="/router/live"):
             return
         log_tail = tail_lines(self.endpoint_dir(name) / ROUTER_LOG, 20)
         if proc.poll() is not None:
             raise ModelLoadError(f"the router exited with {proc.returncode}:\n{log_tail}")
-        raise ModelLoadError(
-            f"the router had no healthy replica after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{log_tail}"
-        )
+        raise ModelLoadError(f"the router did not serve after {_ROUTER_START_TIMEOUT_S:.0f}s:\n{log_tail}")
 
     def supervise_controller(self, name: str) -> bool:
         """Restart the endpoint's controller if one was started and has died (the router runs
@@ -331,7 +326,7 @@ class LocalPlatform:
             endpoint = self.store.get_endpoint(name)
             if self.router_alive(endpoint):
                 return False
-            self.start_router(endpoint, with_replicas=False)
+            self._start_router(endpoint)
             return True
 
     def start_controller(self, name: str) -> None:
