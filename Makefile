@@ -10,7 +10,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 # is a no-op. The editable install picks up new modules under src/ without a reinstall.
 STAMP  := $(VENV)/.twinserve-installed
 
-.PHONY: venv model up test test-ray lint clean-venv
+.PHONY: venv kernels model up test test-ray lint clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
+# the engine's compiled CPU decode kernels (src/twinserve/engine/csrc), built once per machine
+# (~15 s); without a compiler the engine runs its pure-PyTorch path, so a failed build is no error
+kernels: venv
+	$(BIN)/python -m twinserve.engine.fused || echo "the engine will run pure PyTorch"
+
 model: venv
 	$(BIN)/twinserve model default
 
@@ -30,14 +35,16 @@ model: venv
 # answer through it, runs one async job, ingests docs/ and starts the RAG service in front of it
 # (one question, answered with sources), prints the URLs and curl commands, serves until Ctrl-C,
 # then deletes it
-up: venv model
+up: venv kernels model
 	$(BIN)/twinserve up
 
 # two workers, a test file each at a time: most tests wait on model processes starting, so two
 # files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
-# (the longest files first: see SLOW_FILES_FIRST in tests/conftest.py)
-test: venv
+# (the longest files first: see SLOW_FILES_FIRST in tests/conftest.py). Then the engine's unit
+# tests once more on its pure-PyTorch path, the fallback where the kernels cannot be built.
+test: venv kernels
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	TWINSERVE_FUSED_KERNELS=0 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/unit/engine
 
 # the Ray suite alone (tests/ray inside `unshare -n`, ~2 min), with its output (`make test` runs it too)
 test-ray: venv

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, fiel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-Quantize = Literal["int8", "bitsandbytes", "bitsandbytes-nf4"]
+Quantize = Literal["int8", "int4", "bitsandbytes", "bitsandbytes-nf4"]
 Device = Literal["auto", "cpu", "cuda"]
 Attention = Literal["auto", "sdpa", "flash_attention_2"]
 
@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     registry_artifacts: str | None = Field(
         None,
         description="Where version files go (TWINSERVE_REGISTRY_ARTIFACTS): a folder or s3://…; None = beside the store.",
+    )
+
+    fused_kernels: bool = Field(
+        True,
+        description=(
+            "Run the engine's CPU decode step through its compiled kernels (TWINSERVE_FUSED_KERNELS); "
+            "false = pure PyTorch. Built once per machine; without a compiler the engine falls back."
+        ),
     )
 
     @property

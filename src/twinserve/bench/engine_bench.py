@@ -8,6 +8,10 @@ compare. Workloads:
 - W1: the same requests one at a time (tokens/s including prefill, as `generate` counts).
 - TTFT: a `ttft_prompt_tokens`-token prompt, time to the first token; baseline: one
   forward pass of transformers over that prompt (its prefill).
+With `peer="llama-cpp"`, llama.cpp runs W1 and TTFT too, on the same token ids, in turn with
+the others (`bench/llama_cpp_peer.py`). The engine runs with its prefix cache off: the
+workloads repeat prompts, and a cache hit would time a prefill that was skipped
+(`twinserve bench prefix` measures the cache).
 Peak RSS is sampled while the engine runs W32 alone, before the baseline model is loaded.
 Then the two run in turn (engine W32 is run again after the baseline's, and W1/TTFT
 alternate request by request), so that slow drift of a shared machine hits both sides.
@@ -23,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from twinserve.bench.llama_cpp_peer import LlamaCppPeer
 from twinserve.bench.prompts import chat_messages, long_prompt_ids
 from twinserve.config import Dtype, EngineConfig, Quantize
 from twinserve.engine.async_engine import AsyncEngine
@@ -52,6 +58,8 @@ class EngineBenchConfig(BaseModel):
     w1_requests: int = Field(3, ge=1, description="Requests run one at a time for W1.")
     ttft_prompt_tokens: int = Field(200, ge=1)
     baseline: bool = Field(True, description="Also run transformers `generate` for the ratios.")
+    peer: Literal["llama-cpp"] | None = Field(None, description="Also run this peer on W1 and TTFT.")
+    peer_gguf: str | None = Field(None, description="The GGUF the llama.cpp peer serves.")
 
 
 class WorkloadResult(BaseModel):
@@ -87,6 +95,7 @@ class EngineBenchReport(BaseModel):
     peak_rss_mb_w32: float
     ttft_ms: float
     baseline_prefill_ms: float | None
+    peer_ttft_ms: float | None = None
 
 
 class _RssSampler:
@@ -217,6 +226,7 @@ def run_engine_bench(cfg: EngineBenchConfig, progress: Progress = lambda _: None
         num_threads=cfg.threads,
         max_batch_size=max(64, cfg.concurrency),
         max_concurrent_requests=max(128, cfg.concurrency),
+        prefix_cache=False,  # the workloads repeat prompts (see the module docstring)
     )
     async_engine = AsyncEngine.launch(engine_cfg)
     try:
@@ -259,12 +269,28 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
         ttft_ms_p50=_ms([t for r in runs for t in r[2]]),
         itl_ms_p50=_ms([g for r in runs for g in r[3]]),
     )
-    progress("W1, engine and transformers in turn")
-    e1, b1 = [], []
+    peer: LlamaCppPeer | None = None
+    if cfg.peer is not None:
+        progress("loading llama.cpp")
+        assert cfg.peer_gguf is not None
+        context = max(cfg.ttft_prompt_tokens, *(len(tokenizer(p)["input_ids"]) for p in singles))
+        peer = on_engine(
+            partial(
+                LlamaCppPeer,
+                Path(cfg.peer_gguf),
+                threads=cfg.threads,
+                context_tokens=context + cfg.max_new_tokens + 16,
+            )
+        )
+    progress("W1, engine, transformers and peer in turn")
+    e1, b1, p1 = [], [], []
     for p in singles:
         e1.append(eng.single(p))
         if base is not None:
             b1.append(on_engine(partial(base.single, p)))
+        if peer is not None:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            p1.append(on_engine(partial(peer.single, ids, cfg.max_new_tokens)))
     w1 = WorkloadResult.measured(
         "W1",
         "twinserve",
@@ -275,13 +301,27 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
         itl_ms_p50=_ms([g for r in e1 for g in r[3]]),
     )
     progress(f"TTFT of a {cfg.ttft_prompt_tokens}-token prompt")
-    ttfts, prefills = [], []
+    ttfts, prefills, peer_ttfts = [], [], []
     for _ in range(3):
         ttfts.append(eng.ttft(long_ids))
         if base is not None:
             prefills.append(on_engine(partial(base.prefill, long_ids)))
+        if peer is not None:
+            peer_ttfts.append(on_engine(partial(peer.single, long_ids, 1))[2])
     results = [w32, w1]
     ratios: dict[str, float] = {}
+    if peer is not None:
+        pw1 = WorkloadResult.measured(
+            "W1",
+            peer.description,
+            len(p1),
+            sum(r[0] for r in p1),
+            sum(r[1] for r in p1),
+            ttft_ms_p50=_ms([r[2] for r in p1]),
+        )
+        results.append(pw1)
+        ratios["W1_vs_peer"] = w1.tokens_per_s / pw1.tokens_per_s
+        ratios["ttft_vs_peer"] = _ms(ttfts) / _ms(peer_ttfts)
     if base is not None:
         bw32 = WorkloadResult.measured(name, "hf-generate", len(prompts), base_batch[0], base_batch[1])
         bw1 = WorkloadResult.measured(
@@ -292,6 +332,7 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
             f"{name}_throughput": w32.tokens_per_s / bw32.tokens_per_s,
             "W1_tokens_per_s": w1.tokens_per_s / bw1.tokens_per_s,
             "ttft_vs_prefill": _ms(ttfts) / _ms(prefills),
+            **ratios,
         }
     return EngineBenchReport(
         config=cfg,
@@ -301,4 +342,5 @@ def _measure(cfg: EngineBenchConfig, eng: EngineSide, progress: Progress) -> Eng
         peak_rss_mb_w32=rss.peak / 2**20,
         ttft_ms=_ms(ttfts),
         baseline_prefill_ms=_ms(prefills) if prefills else None,
+        peer_ttft_ms=_ms(peer_ttfts) if peer_ttfts else None,
     )

@@ -31,7 +31,9 @@ def generate_command(
     top_p: float | None = typer.Option(None, "--top-p"),
     seed: int | None = typer.Option(None, "--seed"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32"),
-    quantize: str | None = typer.Option(None, "--quantize", help="int8 | bitsandbytes | bitsandbytes-nf4"),
+    quantize: str | None = typer.Option(
+        None, "--quantize", help="int8 | int4 | bitsandbytes | bitsandbytes-nf4"
+    ),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
 ) -> None:
     """Generate a completion from a local model, streaming tokens as they are produced."""

@@ -92,7 +92,7 @@ def plan_command(
     quantize: str | None = typer.Option(
         None,
         "--quantize",
-        help="int8 (CPU) | bitsandbytes | bitsandbytes-nf4 (GPU); default: the model card's.",
+        help="int8 | int4 (CPU) | bitsandbytes | bitsandbytes-nf4 (GPU); default: the model card's.",
     ),
     requests_per_s: float | None = typer.Option(
         None,

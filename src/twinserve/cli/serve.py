@@ -29,7 +29,9 @@ def serve_command(
     port: int | None = typer.Option(None, "--port", help="Default 3000 (8080 inside SageMaker). Env: PORT."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto | bfloat16 | float16 | float32"),
     quantize: str | None = typer.Option(
-        None, "--quantize", help="int8 | bitsandbytes | bitsandbytes-nf4. Env: HF_MODEL_QUANTIZE / QUANTIZE."
+        None,
+        "--quantize",
+        help="int8 | int4 | bitsandbytes | bitsandbytes-nf4. Env: HF_MODEL_QUANTIZE / QUANTIZE.",
     ),
     api_key: str | None = typer.Option(
         None, "--api-key", help="Require `Authorization: Bearer KEY` on generation routes. Env: API_KEY."

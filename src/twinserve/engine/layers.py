@@ -6,6 +6,8 @@ time. Why each exists (measured on the 2-core AMX CPU, see PERF-NOTES):
   than plain `F.linear` at batch 1 and ~1.4x at batch 32.
 - `DynamicInt8Linear`: int8 weights with per-channel scales, fp32 activations
   quantized on the fly (torch dynamic quantization, fbgemm); half the bytes of bf16.
+- `Int4Linear`: 4-bit weights in groups of 32 with a scale and a minimum each (llama.cpp's
+  Q4_1 layout), bf16 activations, torch's AVX512 int4 kernel; a quarter of bf16's bytes.
 - `BitsAndBytesLinear`: bitsandbytes 8-bit / NF4, the kernels TGI's `QUANTIZE` names.
 """
 
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from twinserve.errors import ModelLoadError
+
+INT4_GROUP = 32  # input channels per scale and minimum (llama.cpp's Q4_1 block)
 
 # oneDNN picks its blocked layout for this batch size; measured fast for M = 1..512.
 _PACK_BATCH_HINT = 32
@@ -88,6 +92,54 @@ class DynamicInt8Linear:
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class Int4Linear:
+    """4-bit weights, groups of `INT4_GROUP` input channels each with its own scale and minimum.
+
+    What llama.cpp's Q4_1 stores, run by torch's CPU int4 weight-only kernel
+    (`_weight_int4pack_mm_for_cpu`, the one torchao and gpt-fast use): it reads a quarter of
+    bf16's bytes, so a single-stream decode step, bound by reading the weights, gets faster;
+    at 4 or more rows the kernel is slower than oneDNN's bf16 (see docs/engine.md).
+    """
+
+    _kernel = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+    _N_MULTIPLE = 16  # the kernel packs output channels in blocks of 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype) -> None:
+        out_features, in_features = weight.shape
+        if in_features % INT4_GROUP:
+            raise ModelLoadError(
+                f"quantize=int4 needs input sizes divisible by {INT4_GROUP}; a layer has {in_features}"
+            )
+        w = weight.float()
+        padded = -(-out_features // self._N_MULTIPLE) * self._N_MULTIPLE
+        if padded != out_features:  # zero rows, sliced off the output
+            w = torch.cat([w, w.new_zeros(padded - out_features, in_features)])
+        groups = w.reshape(padded, in_features // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        # the kernel computes (q - 8) * scale + zero; quantize against the rounded scale and zero
+        scale = ((high - low) / 15).clamp(min=1e-8).to(dtype)
+        zero = (low + 8 * scale.float()).to(dtype)
+        q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).reshape(padded, in_features), 1
+        )
+        self.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+        self.bias = None if bias is None else bias.to(dtype)
+        self.dtype = dtype
+        self.out_features = out_features
+        self._padded = padded != out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()  # the kernel takes dense rows only
+        y = self._kernel(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
+        if self._padded:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 class BitsAndBytesLinear:
     """bitsandbytes 8-bit (LLM.int8) or NF4 weights, configured like transformers' BitsAndBytesConfig."""
 
@@ -149,6 +201,10 @@ def make_linear(
         if weight.device.type != "cpu":
             raise ModelLoadError("quantize=int8 is the CPU dynamic quantization; use bitsandbytes on GPU")
         return DynamicInt8Linear(weight, bias)
+    if quantize == "int4":
+        if weight.device.type != "cpu":
+            raise ModelLoadError("quantize=int4 is a CPU kernel; on GPU use bitsandbytes-nf4")
+        return Int4Linear(weight, bias, dtype=dtype)
     if quantize in ("bitsandbytes", "bitsandbytes-nf4"):
         return BitsAndBytesLinear(weight, bias, four_bit=quantize == "bitsandbytes-nf4", compute_dtype=dtype)
     if quantize is not None:

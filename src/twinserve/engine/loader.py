@@ -236,8 +236,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") and dtype == torch.float32:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     attention = resolve_attention(cfg.attention, device)
-    # bitsandbytes quantizes from the host copy; int8 quantizes from the checkpoint's own precision
-    load_dtype = None if cfg.quantize == "int8" else dtype
+    # bitsandbytes quantizes from the host copy; int8 and int4 from the checkpoint's own precision
+    load_dtype = None if cfg.quantize in ("int8", "int4") else dtype
     load_device = torch.device("cpu") if cfg.quantize in ("bitsandbytes", "bitsandbytes-nf4") else device
     weights = read_tensors(files, dtype=load_dtype, device=load_device)
     sha = weights_digest(cfg, files)

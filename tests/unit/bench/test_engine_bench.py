@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,21 @@ def test_cli_json_without_baseline(model_dir: Path) -> None:
     report = json.loads(result.output)
     assert report["ratios"] == {}
     assert [r["system"] for r in report["results"]] == ["twinserve", "twinserve"]
+
+
+def test_llama_cpp_peer_without_its_package_names_the_extra(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twinserve.bench.llama_cpp_peer import LlamaCppPeer
+    from twinserve.errors import ValidationError
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # an import of it raises ImportError
+    with pytest.raises(ValidationError, match=r"twinserve\[bench\]"):
+        LlamaCppPeer(model_dir / "model.gguf", threads=1, context_tokens=64)
+
+
+def test_cli_peer_needs_the_gguf_of_a_model_given(model_dir: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "engine", "--model", str(model_dir), "--peer", "llama-cpp", "--no-baseline"]
+    )
+    assert result.exit_code == 2 and "--peer-gguf" in result.output, result.output

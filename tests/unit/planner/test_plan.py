@@ -137,8 +137,9 @@ def test_nf4_shrinks_8b_enough_for_a_t4() -> None:
     assert plan.sagemaker_env["HF_MODEL_QUANTIZE"] == "bitsandbytes-nf4"
 
 
-def test_int8_is_planned_on_cpu_only() -> None:
-    plan = _plan(model=preset("smollm2-135m"), requests_per_s=0.5, quantize="int8")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_cpu_quantizations_are_planned_on_cpu_only(quantize: str) -> None:
+    plan = _plan(model=preset("smollm2-135m"), requests_per_s=0.5, quantize=quantize)
     assert get_instance(plan.instance.instance_type).gpu is None
     gpu = [c for c in plan.candidates if get_instance(c.instance_type).gpu is not None]
     assert gpu and all(not c.fits and "bitsandbytes" in c.note for c in gpu)

@@ -8,6 +8,7 @@ from twinserve.planner.instances import CATALOG, get_instance
 from twinserve.planner.model_shape import preset
 from twinserve.planner.sizing import (
     GIB,
+    INT4_BYTES,
     KV_ROUND_TOKENS,
     MAX_BATCH_SIZE,
     NF4_BYTES,
@@ -45,6 +46,9 @@ def test_weight_bytes_by_dtype_and_quantization() -> None:
     smol_other, smol_head = smol.params - smol.linear_params, smol.vocab_size * smol.hidden_size
     assert smol.tie_word_embeddings
     assert weight_bytes(smol, "float32", "int8") == smol.linear_params + smol_head + 4 * smol_other
+    # int4: 4-bit linears with a bf16 scale and minimum per 32 weights, the head an int8 copy
+    int4 = weight_bytes(smol, "bfloat16", "int4")
+    assert int4 == pytest.approx(smol.linear_params * INT4_BYTES + smol_head + 2 * smol_other, abs=1)
 
 
 def test_compute_dtype() -> None:

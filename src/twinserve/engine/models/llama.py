@@ -12,6 +12,7 @@ output matches `generate` token for token in fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from twinserve.engine.fused import FusedOps, fused_ops
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.layers import Linear, make_linear
 from twinserve.engine.memory import trim_heap
@@ -114,6 +116,11 @@ class ForwardBatch:
         """Several tokens per row at each row's own positions (drafted tokens to check)."""
         return not self.is_prefill and self.input_ids.dim() == 2
 
+    @functools.cached_property
+    def key_lengths(self) -> torch.Tensor:
+        """Decode: the keys each row attends to, its own included (computed once per pass)."""
+        return self.positions + 1
+
 
 class LlamaModel:
     """Forward pass over a slot KV cache; holds no per-request state."""
@@ -132,6 +139,8 @@ class LlamaModel:
         """`calibration_ids`: token sequences that int8 calibrates its smoothing on."""
         self.config = config
         self.shape = s = ModelShape.from_config(config)
+        if quantize == "int4":  # its CPU kernel is fast in bf16 only
+            dtype = torch.bfloat16
         self.dtype = dtype
         # int8 dynamic quantization computes in fp32; activations and cache follow it
         self.act_dtype = torch.float32 if quantize == "int8" else dtype
@@ -164,6 +173,10 @@ class LlamaModel:
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._flash = _flash_attn_func() if attention == "flash_attention_2" else None
+        self.fused: FusedOps | None = fused_ops(device)
+        # unquantized 16-bit decode keeps SDPA: its rounding is the one transformers' bf16
+        # decode has (tests/unit/engine/test_bf16_parity.py), the fused kernel's differs by an ulp
+        self._fused_attention = quantize is not None or self.act_dtype == torch.float32
         # int8 quantizes activations too: outliers are first moved into the weights (SmoothQuant)
         smoother = None
         if quantize == "int8" and calibration_ids:
@@ -188,9 +201,11 @@ class LlamaModel:
             norm, lm_head = smoother.smooth_head(norm, lm_head)
         self.norm = norm.to(self.act_dtype)
         # int8 quantizes the LM head too, smoothed like the layers: it cost 0.3 points of top-1
-        # agreement with fp32 and saves ~1 ms of a single-stream step; bitsandbytes keeps it
-        # in the compute dtype, as transformers does
-        head_quantize = "int8" if quantize == "int8" else None
+        # agreement with fp32 and saves ~1 ms of a single-stream step. int4 keeps it in int8
+        # as well: fbgemm runs this one wide matrix faster than the int4 kernel, and 4-bit
+        # logits cost 7 points of top-1 agreement. bitsandbytes keeps it in the compute dtype,
+        # as transformers does
+        head_quantize = "int8" if quantize in ("int8", "int4") else None
         self.lm_head = make_linear(lm_head, None, quantize=head_quantize, dtype=dtype)
 
     def build_layer(
@@ -236,6 +251,8 @@ class LlamaModel:
         `logits_index` indexes the flattened token dimension; None = the last real token
         of every row (prefill) or every row (decode).
         """
+        if self.fused is not None and not batch.is_prefill and not batch.is_verify:
+            return self._fused_decode(self.fused, batch, cache, logits_index)
         ids = batch.input_ids
         h = F.embedding(ids.reshape(-1), self.embed)
         cos, sin = self.rope(batch)
@@ -306,6 +323,43 @@ class LlamaModel:
         x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate, inplace=True).mul_(up))
+
+    def _fused_decode(
+        self, fused: FusedOps, batch: ForwardBatch, cache: SlotKVCache, logits_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`forward` of a decode pass through the compiled kernels (`engine/fused.py`).
+
+        Each residual add is fused with the RMSNorm after it: the next layer's input norm,
+        or the final norm after the last layer.
+        """
+        s = self.shape
+        eps = s.rms_norm_eps
+        h = F.embedding(batch.input_ids.reshape(-1), self.embed)
+        cos, sin = self.rope(batch)
+        window = self.window_mask(batch)
+        x = fused.rms_norm(h, self.layers[0].input_norm, eps)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
+            k_cache, v_cache = cache.layer(index)
+            q = fused.rope_write_kv(
+                layer.qkv(x), cos, sin, k_cache, v_cache, batch.slots, batch.positions,
+                s.num_heads, s.num_kv_heads, s.head_dim,
+            )  # fmt: skip
+            sliding = window if s.layer_windows[index] is not None else None
+            if sliding is None and batch.slots_contiguous and self._fused_attention:
+                attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5)
+            else:  # rows in other slots, a sliding window that cuts, or bf16's own rounding: SDPA
+                keys, values, mask = _decode_keys(batch, k_cache, v_cache, sliding)
+                rows, group = q.shape[0], s.num_heads // s.num_kv_heads
+                out = F.scaled_dot_product_attention(
+                    q.view(rows, s.num_kv_heads, group, s.head_dim), keys, values, attn_mask=mask
+                )
+                attn = out.reshape(rows, s.num_heads * s.head_dim)
+            h, x = fused.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, eps)
+            h, x = fused.add_rms_norm(h, layer.down(fused.silu_mul(layer.gate_up(x))), next_norm, eps)
+        if logits_index is not None:
+            x = x[logits_index]
+        return self.lm_head(x).float()
 
     def _decode_attention(
         self,

@@ -102,9 +102,9 @@ def size_variant(
     given = settings.instance_type
     row = check_instance_type(given, dlc=dlc) if given else None
     quantize = variant.quantize or (source.card_quantize if source else None)
-    if dlc and quantize == "int8":
+    if dlc and quantize in ("int8", "int4"):
         raise ValidationError(
-            "int8 is twinserve's CPU quantization; TGI on a GPU quantizes with bitsandbytes or "
+            f"{quantize} is twinserve's CPU quantization; TGI on a GPU quantizes with bitsandbytes or "
             "bitsandbytes-nf4 (variant quantize:)",
             param="variants.quantize",
         )

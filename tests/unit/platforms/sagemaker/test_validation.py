@@ -48,6 +48,7 @@ def test_bad_settings_fail_before_any_aws_change(
         ({"api_key": "sk-123"}, "authenticate with AWS IAM", ValidationError),
         ({"model": "models:/no-such-model@champion"}, "no-such-model", NotFoundError),
         ({"quantize": "int8"}, "int8 is twinserve's CPU quantization", ValidationError),
+        ({"quantize": "int4"}, "int4 is twinserve's CPU quantization", ValidationError),
         ({"limits": {"max_total_tokens": 100_000}}, "exceeds the model's context", ValidationError),
     ],
 )
