@@ -349,12 +349,7 @@ class LlamaModel:
             if sliding is None and batch.slots_contiguous and self._fused_attention:
                 attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5)
             else:  # rows in other slots, a sliding window that cuts, or bf16's own rounding: SDPA
-                keys, values, mask = _decode_keys(batch, k_cache, v_cache, sliding)
-                rows, group = q.shape[0], s.num_heads // s.num_kv_heads
-                out = F.scaled_dot_product_attention(
-                    q.view(rows, s.num_kv_heads, group, s.head_dim), keys, values, attn_mask=mask
-                )
-                attn = out.reshape(rows, s.num_heads * s.head_dim)
+                attn = self._sdpa_decode(batch, k_cache, v_cache, q, sliding)
             h, x = fused.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, eps)
             h, x = fused.add_rms_norm(h, layer.down(fused.silu_mul(layer.gate_up(x))), next_norm, eps)
         if logits_index is not None:
@@ -371,12 +366,23 @@ class LlamaModel:
         v: torch.Tensor,
         window: SlidingWindow | None,
     ) -> torch.Tensor:
-        s = self.shape
         if batch.is_verify:
             return self._verify_attention(batch, cache, layer, q, k, v, window)
         k_cache, v_cache = cache.layer(layer)
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
+        return self._sdpa_decode(batch, k_cache, v_cache, q, window)
+
+    def _sdpa_decode(
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q: torch.Tensor,
+        window: SlidingWindow | None,
+    ) -> torch.Tensor:
+        """Decode rows' attention over the cache, their K/V already written, through SDPA."""
+        s = self.shape
         bsz = q.shape[0]
         keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
         # GQA at decode: the query heads of one KV head act as a short query sequence,
