@@ -9,7 +9,7 @@ with and without them (`TWINSERVE_FUSED_KERNELS=0` is the pure-PyTorch path).
 
 Built with torch's C++ extension tooling (ninja, the system C++ compiler, `-march=native`,
 so the build is keyed by the CPU's flags too) into torch's extensions folder
-(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): `make venv` builds it, and a
+(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): `make kernels` builds it, and a
 process that finds no build makes one (~15 s, under torch's lock). Where that fails (no
 compiler) the engine logs why once and runs the pure-PyTorch path.
 """
@@ -111,7 +111,7 @@ def fused_ops(device: torch.device) -> FusedOps | None:
 
 
 def main() -> None:
-    """`python -m twinserve.engine.fused`: build now (what `make venv` runs)."""
+    """`python -m twinserve.engine.fused`: build now (what `make kernels` runs)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ops = _load()
     if ops is None:
