@@ -95,6 +95,7 @@ SMALL_LIMITS: dict[str, object] = {
     "max_batch_total_tokens": 4096,
     "max_batch_size": 16,
     "max_concurrent_requests": 32,
+    "kv_cache_idle_release_s": 0.0,  # tests see the cache released as soon as the engine is idle
 }
 
 

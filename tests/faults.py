@@ -48,6 +48,9 @@ class FaultyRunner:
     def release_cache(self) -> None:
         self.inner.release_cache()
 
+    def cached_prefix_len(self, state: RequestState) -> int:
+        return self.inner.cached_prefix_len(state)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 

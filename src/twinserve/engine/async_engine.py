@@ -243,6 +243,7 @@ class AsyncEngine:
                 if not self.engine.has_work():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self.engine.release_if_idle()
                     continue
                 self.engine.step()
         except BaseException as exc:  # the engine cannot continue: fail everyone, report it

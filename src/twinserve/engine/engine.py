@@ -87,6 +87,7 @@ class Engine:
         self._lock = threading.Lock()
         self._seeds = random.Random(config.seed)
         self._failures = 0
+        self._idle_since: float | None = None  # when the engine last ran out of work
         self._probes = 0
         self._dying = False
         self.emit: Callable[[list[TokenEvent]], None] | None = None
@@ -268,10 +269,9 @@ class Engine:
         """Run one iteration; returns the events of this step (also sent to `emit`)."""
         self._drain_inbox()
         events: list[TokenEvent] = []
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(self.runner.cached_prefix_len)
         if sched.is_empty:
-            if not self.scheduler.has_work():
-                self.runner.release_cache()
+            self.release_if_idle()
             return events
         try:
             self.runner.prepare_cache(sched.cache_slots, sched.cache_capacity, len(self.scheduler.running))
@@ -284,9 +284,20 @@ class Engine:
             events += self._run(sched.prefill, prefill=True)
         if sched.decode:
             events += self._run(sched.decode, prefill=False)
-        if not self.scheduler.has_work():
-            self.runner.release_cache()
+        self.release_if_idle()
         return events
+
+    def release_if_idle(self) -> None:
+        """Free the slot KV cache once the engine has had no work for `kv_cache_idle_release_s`
+        (the engine thread calls this while it waits for work)."""
+        if self.has_work() or self.scheduler.has_work():
+            self._idle_since = None
+            return
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        if now - self._idle_since >= self.config.kv_cache_idle_release_s:
+            self.runner.release_cache()
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
@@ -444,8 +455,8 @@ class Engine:
     ) -> TokenEvent:
         state.status = status
         state.finish_time = time.monotonic()
-        if status is not RequestStatus.FINISHED_ERROR and not self._dying:
-            self.runner.retain(state)  # before its slot is handed to another request
+        if not self._dying:
+            self.runner.retain(state)  # before its slot is handed to another request (not KV of an error)
         move = self.scheduler.remove(state)
         if move is not None and not self._dying:
             self.runner.move_slot(move)

@@ -8,7 +8,7 @@ view of the cache instead of gathering it.
 
 Memory is `slots × capacity` tokens; the scheduler plans both (rounded up, so
 reallocations are rare) within `max_batch_total_tokens`, which is what bounds the KV
-memory, and the cache is released when the engine goes idle.
+memory, and the cache is released once the engine has been idle for `kv_cache_idle_release_s`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from twinserve.config import EngineConfig
 from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.loader import LoadedModel
 from twinserve.engine.models.llama import ForwardBatch
-from twinserve.engine.prefix_cache import MIN_HIT_TOKENS, PrefixCache
+from twinserve.engine.prefix_cache import MIN_HIT_TOKENS, LivePrefix, PrefixCache, PrefixHit
+from twinserve.engine.request import RequestStatus
 from twinserve.engine.sampling import fast_argmax, sample, top_tokens
 from twinserve.engine.scheduler import SlotMove
 from twinserve.engine.speculation import accepted_length
@@ -81,6 +82,8 @@ class Runner(Protocol):
 
     def retain(self, state: RequestState) -> None: ...
 
+    def cached_prefix_len(self, state: RequestState) -> int: ...
+
     def execute(self, rows: list[RequestState], *, prefill: bool) -> RunnerOutput: ...
 
 
@@ -112,16 +115,27 @@ class ModelRunner:
     def retain(self, state: RequestState) -> None:
         """Keep a finishing request's KV (its prompt and the answer written so far) for later
         prompts that start with it, within what the slot cache leaves of the KV budget."""
+        if self.prefix is None:
+            return
+        self.prefix.drop_live(state)
         # a row that stopped inside an accepted run of drafts has KV beyond its last kept token
         n = min(state.num_cached, state.prompt_len + len(state.output_ids) - 1)
-        if self.prefix is None or state.slot < 0 or n < MIN_HIT_TOKENS or self.cache.slots == 0:
+        if state.slot < 0 or state.status is RequestStatus.FINISHED_ERROR:
             return
+        tokens = (state.prompt_ids + state.output_ids)[:n]
         room = self.config.max_batch_total_tokens - self.cache.slots * self.cache.capacity
-        if n > room:
+        if n < MIN_HIT_TOKENS or self.cache.slots == 0 or n > room or self.prefix.holds(tokens):
             return
         self.prefix.evict_to(room - n)
-        tokens = (state.prompt_ids + state.output_ids)[:n]
         self.prefix.insert(tokens, self.cache.read_slot(state.slot, n))
+
+    def cached_prefix_len(self, state: RequestState) -> int:
+        """Prompt positions a prefill of `state` would take from the prefix cache as it is now:
+        the scheduler sizes prefill passes by the rest."""
+        if self.prefix is None or state.wants_prompt_logprobs:
+            return 0
+        hit = self.prefix.match(state.prompt_ids, state.prompt_len - 1, count=False)
+        return 0 if hit is None else hit.tokens
 
     def move_slot(self, move: SlotMove) -> None:
         self.cache.move_slot(move.src, move.dst, move.length)
@@ -136,6 +150,9 @@ class ModelRunner:
             return self._verify(rows, drafts)
         if prefill:
             logits, prompt_logprobs = self._prefill(rows)
+            if self.prefix is not None:  # a burst on one context reuses the first prompt at once
+                for r in rows:
+                    self.prefix.add_live(r)
         else:
             logits, prompt_logprobs = self._decode(rows), [None] * len(rows)
         result = sample(logits, [r.sampling for r in rows], [r.top_n for r in rows])
@@ -173,28 +190,13 @@ class ModelRunner:
     def _verify(self, rows: list[RequestState], drafts: list[list[int]]) -> RunnerOutput:
         """One pass over each row's last token and its drafts; sample the first position as
         plain decoding does, then keep the drafts the greedy tokens agree with."""
-        dev = self.device
         n, width = len(rows), 1 + max(len(d) for d in drafts)
         ids = torch.zeros((n, width), dtype=torch.long)
         for i, (r, d) in enumerate(zip(rows, drafts, strict=True)):
             ids[i, : 1 + len(d)] = torch.tensor([r.last_token_id, *d], dtype=torch.long)
         # a row with fewer drafts computes pad tokens at the positions after them: their K/V
         # lands beyond what the row keeps, which no query reads before it is written again
-        positions = torch.tensor([r.num_cached for r in rows], dtype=torch.long)[:, None] + torch.arange(
-            width
-        )
-        attn_len = int(positions.max()) + 1
-        mask = (torch.arange(attn_len) <= positions[..., None])[:, None]
-        slots = [r.slot for r in rows]
-        batch = ForwardBatch(
-            input_ids=ids.to(dev),
-            positions=positions.to(dev),
-            slots=torch.tensor(slots, dtype=torch.long).to(dev),
-            is_prefill=False,
-            attn_len=attn_len,
-            decode_mask=mask.to(dev),
-            slots_contiguous=slots == list(range(n)),
-        )
+        batch = self._own_positions_batch(rows, ids, [r.num_cached for r in rows])
         logits = self.model.forward(batch, self.cache).view(n, width, -1)
         first = sample(logits[:, 0], [r.sampling for r in rows], [r.top_n for r in rows])
         greedy = fast_argmax(logits.reshape(n * width, -1)).view(n, width).tolist()
@@ -215,6 +217,27 @@ class ModelRunner:
             top_tokens=first.top_tokens,
             prompt_logprobs=[None] * n,
             accepted=accepted,
+        )
+
+    def _own_positions_batch(
+        self, rows: list[RequestState], ids: torch.Tensor, starts: list[int]
+    ) -> ForwardBatch:
+        """A pass in which row i's tokens `ids[i]` sit at positions starts[i].. of its own slot,
+        each attending causally to what the slot holds up to it (a verifying pass, a prefill
+        that continues cached prefixes of different lengths)."""
+        dev = self.device
+        positions = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(ids.shape[1])
+        attn_len = int(positions.max()) + 1
+        mask = (torch.arange(attn_len) <= positions[..., None])[:, None]
+        slots = [r.slot for r in rows]
+        return ForwardBatch(
+            input_ids=ids.to(dev),
+            positions=positions.to(dev),
+            slots=torch.tensor(slots, dtype=torch.long).to(dev),
+            is_prefill=False,
+            attn_len=attn_len,
+            decode_mask=mask.to(dev),
+            slots_contiguous=slots == list(range(len(rows))),
         )
 
     @staticmethod
@@ -252,24 +275,33 @@ class ModelRunner:
 
     def _prefill(self, rows: list[RequestState]) -> tuple[torch.Tensor, list[list[float] | None]]:
         """Rows whose prompt starts with a cached prefix get its KV copied into their slot and
-        are prefilled from there, one pass per cached length; the others as one group."""
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
+        are prefilled from there: in one pass when they all fit it (`_prefill_cached`), else
+        one pass per cached length. The rows without a hit go as one group."""
+        for r in rows:
             hit = None
             if self.prefix is not None and not r.wants_prompt_logprobs:
                 hit = self.prefix.match(r.prompt_ids, r.prompt_len - 1)
             if hit is not None:
-                self.cache.write_slot(r.slot, hit.entry.kv, hit.tokens)
+                self._copy_hit(hit, r.slot)
             r.cached_tokens = hit.tokens if hit is not None else 0
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
             groups.setdefault(r.cached_tokens, []).append(i)
+        hits = [i for i, r in enumerate(rows) if r.cached_tokens]
         if len(groups) == 1:
             ((cached, _),) = groups.items()
             return self._prefill_group(rows, cached)
+        passes: list[tuple[list[int], tuple[torch.Tensor, list[list[float] | None]]]] = []
+        if len(groups) - (0 in groups) > 1 and self._fits_one_pass([rows[i] for i in hits]):
+            hit_rows = [rows[i] for i in hits]
+            passes.append((hits, (self._prefill_cached(hit_rows), [None] * len(hits))))
+            groups = {0: groups[0]} if 0 in groups else {}
+        for cached, members in groups.items():
+            passes.append((members, self._prefill_group([rows[i] for i in members], cached)))
         order: list[int] = []
         parts: list[torch.Tensor] = []
         prompt_logprobs: list[list[float] | None] = [None] * len(rows)
-        for cached, members in groups.items():
-            logits, logprobs = self._prefill_group([rows[i] for i in members], cached)
+        for members, (logits, logprobs) in passes:
             parts.append(logits)
             order.extend(members)
             for i, lp in zip(members, logprobs, strict=True):
@@ -278,6 +310,32 @@ class ModelRunner:
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return logits[inverse.to(logits.device)], prompt_logprobs
+
+    def _copy_hit(self, hit: PrefixHit, slot: int) -> None:
+        source = hit.entry
+        if isinstance(source, LivePrefix):  # a running request's prompt: slot to slot
+            self.cache.copy_prefix(source.owner.slot, [slot], hit.tokens)
+        else:
+            self.cache.write_slot(slot, source.kv, hit.tokens)
+
+    def _fits_one_pass(self, rows: list[RequestState]) -> bool:
+        """Whether every row's padded new tokens stay inside its slot (pads sit after its prompt)."""
+        width = max(r.prompt_len - r.cached_tokens for r in rows)
+        return max(r.cached_tokens for r in rows) + width <= self.cache.capacity
+
+    def _prefill_cached(self, rows: list[RequestState]) -> torch.Tensor:
+        """Rows that continue cached prefixes of different lengths, in one pass: each row's new
+        tokens at its own positions, attending to its slot through a per-row causal mask (the
+        shape of a verifying pass). Its pads compute K/V beyond the row's prompt, which no
+        query reads before decoding writes those positions again."""
+        dev = self.device
+        n, width = len(rows), max(r.prompt_len - r.cached_tokens for r in rows)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : r.prompt_len - r.cached_tokens] = torch.tensor(r.prompt_ids[r.cached_tokens :])
+        batch = self._own_positions_batch(rows, ids, [r.cached_tokens for r in rows])
+        last = [i * width + r.prompt_len - r.cached_tokens - 1 for i, r in enumerate(rows)]
+        return self.model.forward(batch, self.cache, torch.tensor(last, dtype=torch.long).to(dev))
 
     def _prefill_group(
         self, rows: list[RequestState], cached: int

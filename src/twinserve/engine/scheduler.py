@@ -3,8 +3,8 @@
 Pure bookkeeping over `RequestState`s — no tensors, no model; its tests drive it through
 the real runner of a tiny model and check the slots each pass ran with. Policy:
 - FIFO admission, never skipping the head of the queue (no starvation);
-- newcomers are prefilled together while the padded prefill (rows × longest prompt)
-  stays within `max_batch_prefill_tokens` and the softer `prefill_step_tokens` (a lone
+- newcomers are prefilled together while the padded prefill (rows × longest part of a
+  prompt to compute: what the prefix cache does not hold) stays within `max_batch_prefill_tokens` and the softer `prefill_step_tokens` (a lone
   prompt always goes), so running streams stall for at most one bounded prefill per step
   and the head of a burst gets its first token without waiting for the whole burst;
 - a request is admitted only if the KV cache, sized for every running request's
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twinserve.config import EngineConfig
@@ -86,8 +87,14 @@ class Scheduler:
         last.slot = slot
         return move
 
-    def schedule(self) -> SchedulerOutput:
-        """Admit what fits from the queue; everyone already running decodes."""
+    def schedule(self, cached_prefix: Callable[[RequestState], int] | None = None) -> SchedulerOutput:
+        """Admit what fits from the queue; everyone already running decodes.
+
+        `cached_prefix(state)`: the prompt positions a prefill would take from the prefix
+        cache; a pass is sized by the positions it computes, so requests continuing cached
+        prompts (chat turns, a shared RAG context) join one pass instead of one each. The
+        cache may still drop an entry before the pass runs: that pass is then larger.
+        """
         out = SchedulerOutput(decode=list(self.running))
         cfg = self.config
         capacity = max((r.reserved_tokens for r in self.running), default=0)
@@ -100,7 +107,8 @@ class Scheduler:
             n_rows = len(self.running) + 1
             if n_rows > cfg.max_batch_size:
                 break
-            new_width = max(width, head.prompt_len)
+            computed = head.prompt_len - (cached_prefix(head) if cached_prefix is not None else 0)
+            new_width = max(width, computed)
             if out.prefill and (len(out.prefill) + 1) * new_width > prefill_budget:
                 break
             new_capacity = max(capacity, head.reserved_tokens)

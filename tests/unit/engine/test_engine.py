@@ -231,3 +231,31 @@ def test_prompt_logprobs_are_bounded_by_prompt_times_vocab(engine: Engine, monke
         ValidationError, match="`decoder_input_details` is limited to prompts of at most 10 tokens"
     ):
         engine.validate(GenerateRequest(prompt_token_ids=[5] * 11, params=params))
+
+
+def test_the_kv_cache_outlives_a_short_pause_and_goes_after_the_idle_grace(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next burst after a pause shorter than `kv_cache_idle_release_s` reuses the allocation
+    (no reallocation, no page faults); a longer pause gives the memory back."""
+    import twinserve.engine.engine as engine_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
+    eng = build_engine(engine_config(tiny_model_dir, kv_cache_idle_release_s=10.0), warmup=False)
+    cache = eng.runner.cache  # type: ignore[attr-defined]
+    first = run(eng, [greedy(PROMPTS[0], "a", 6)])["a"]
+    allocation = cache._kv
+    assert allocation is not None, "kept while the engine has been idle for no time at all"
+    clock[0] += 9.0
+    eng.release_if_idle()
+    assert cache._kv is allocation
+    again = run(eng, [greedy(PROMPTS[0], "b", 6)])["b"]
+    assert cache._kv is allocation, "the second burst fitted the kept allocation"
+    assert token_ids(again) == token_ids(first)
+    clock[0] += 9.0
+    eng.release_if_idle()
+    assert cache._kv is not None, "the grace counts from the end of the last work"
+    clock[0] += 1.5
+    eng.release_if_idle()
+    assert cache.slots == 0 and cache.allocated_bytes == 0

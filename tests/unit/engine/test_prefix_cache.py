@@ -15,6 +15,7 @@ from tests.engine_driver import greedy, run, token_ids
 from tests.factories import engine_config
 from twinserve.engine.engine import Engine
 from twinserve.engine.factory import build_engine
+from twinserve.engine.kv_cache import SlotKVCache
 from twinserve.engine.models.llama import ForwardBatch
 from twinserve.engine.prefix_cache import BLOCK, MIN_HIT_TOKENS, PrefixCache, block_hashes
 from twinserve.engine.request import GenerateRequest, SamplingParams, TokenEvent
@@ -27,18 +28,24 @@ def engine(model: Path, **overrides: Any) -> Engine:
 
 
 class PrefillSpy:
-    """Records, for every prefill pass of the real model, its rows and their first position."""
+    """Records, for every prefill pass of the real model, its rows and their first position;
+    a pass continuing cached prefixes of different lengths (`ragged`) records each row's."""
 
     def __init__(self, eng: Engine) -> None:
         self.passes: list[tuple[int, int, int]] = []  # (rows, tokens per row, first position)
+        self.ragged: list[list[int]] = []  # first position of each row
+        self.capacity = 0  # the slot cache's positions per row, largest seen
         model = eng.runner.model  # type: ignore[attr-defined]
         real = model.forward
 
-        def forward(batch: ForwardBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def forward(batch: ForwardBatch, cache: SlotKVCache, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self.capacity = max(self.capacity, cache.capacity)
             if batch.is_prefill:
                 rows, width = batch.input_ids.shape
                 self.passes.append((rows, width, int(batch.positions[0, 0])))
-            return real(batch, *args, **kwargs)
+            elif batch.is_verify:  # speculation is off in these tests: a ragged prefill
+                self.ragged.append(batch.positions[:, 0].tolist())
+            return real(batch, cache, *args, **kwargs)
 
         model.forward = forward
 
@@ -149,6 +156,99 @@ def test_prompt_logprobs_bypass_the_cache(tiny_model_dir: Path) -> None:
     (done,) = [e for e in run(eng, [request])["lp"] if e.finished]
     assert done.details is not None and done.details.cached_tokens == 0
     assert len(done.details.prefill) == len(eng.tokenize(request))
+
+
+def test_a_burst_on_one_context_reuses_the_first_prompt_while_it_still_runs(tiny_model_dir: Path) -> None:
+    """Passes of one prompt each: the first request's prompt KV serves the others although it
+    is still generating, and the rest of the burst then goes in one pass of the new suffixes."""
+    limits = {"prefill_step_tokens": 48}  # one full prompt per pass
+    eng, plain = engine(tiny_model_dir, **limits), engine(tiny_model_dir, prefix_cache=False, **limits)
+    spy = PrefillSpy(eng)
+    burst = [greedy(CONTEXT + f"question {i}?", f"q{i}", 40 if i == 0 else 8) for i in range(5)]
+    events, expected = run(eng, burst), run(plain, burst)
+    first_len = len(eng.tokenize(burst[0]))
+    assert spy.passes[0] == (1, first_len, 0), "the first prompt alone, from position 0"
+    assert len(spy.passes) + len(spy.ragged) == 2, "the other four continue it in one pass"
+    for r in burst[1:]:
+        details = final(events[r.request_id]).details
+        assert details is not None and details.cached_tokens >= MIN_HIT_TOKENS
+    for r in burst:
+        assert token_ids(events[r.request_id]) == token_ids(expected[r.request_id])
+    assert eng.prefix_cache is not None and eng.prefix_cache.hits == 4
+
+
+def test_rows_continuing_different_cached_lengths_share_one_pass(tiny_model_dir: Path) -> None:
+    """Chat turns of three conversations, cached to different lengths, in one ragged pass."""
+    eng, plain = engine(tiny_model_dir), engine(tiny_model_dir, prefix_cache=False)
+    openings = [
+        CONTEXT + "a?",
+        CONTEXT + "bb, and then a few more words?",
+        "another topic entirely, with its own words " * 3,
+    ]
+    for e in (eng, plain):
+        for i, p in enumerate(openings):
+            one(e, p, f"t{i}")
+    spy = PrefillSpy(eng)
+    follow_ups = [greedy(p + " and then what happened next?", f"f{i}", 12) for i, p in enumerate(openings)]
+    events, expected = run(eng, follow_ups), run(plain, follow_ups)
+    cached = [final(events[r.request_id]).details.cached_tokens for r in follow_ups]  # type: ignore[union-attr]
+    assert len(set(cached)) == 3 and min(cached) >= MIN_HIT_TOKENS
+    assert spy.passes == [] and spy.ragged == [cached], "one pass, each row from its own cached length"
+    for r in follow_ups:
+        assert token_ids(events[r.request_id]) == token_ids(expected[r.request_id])
+
+
+def test_a_running_prompt_that_fails_is_never_reused(tiny_model_dir: Path) -> None:
+    """Its prefill registered it as a live prompt; its failed decode must take that back (its
+    slot goes to another request), and a later prompt must not read the stale slot."""
+    from tests.faults import FaultyRunner
+
+    eng, plain = engine(tiny_model_dir), engine(tiny_model_dir, prefix_cache=False)
+    eng.runner = FaultyRunner(eng.runner, phase="decode")
+    eng.add_request(greedy(CONTEXT + "source", "poison-source", 8))
+    while eng.has_work():  # the prefill passes, the decode fails; then the engine's probe
+        eng.step()
+    burst = [greedy("a prompt that shares nothing with the context", "filler", 30)]
+    burst.append(greedy(CONTEXT + "follower", "follower", 8))
+    events, expected = run(eng, burst), run(plain, burst)
+    assert final(events["follower"]).details.cached_tokens == 0  # type: ignore[union-attr]
+    assert token_ids(events["follower"]) == token_ids(expected["follower"])
+
+
+def ids_request(ids: list[int], rid: str, max_new: int) -> GenerateRequest:
+    return GenerateRequest(
+        prompt_token_ids=ids, params=SamplingParams(max_new_tokens=max_new), request_id=rid
+    )
+
+
+def test_rows_whose_pads_would_leave_their_slot_go_one_pass_per_cached_length(tiny_model_dir: Path) -> None:
+    """A short suffix padded to a long one would write K/V past its slot's end (the cache is
+    192 positions: the short row reserves 128 + 64): those rows take a pass per cached length."""
+    eng, plain = engine(tiny_model_dir), engine(tiny_model_dir, prefix_cache=False)
+    seed_a, seed_b = list(range(40, 60)), list(range(100, 227))  # 20 and 127 prompt tokens
+    for e in (eng, plain):
+        run(e, [ids_request(seed_a, "a", 4)])
+        run(e, [ids_request(seed_b, "b", 1)])
+    spy = PrefillSpy(eng)
+    rows = [ids_request(seed_a + [7, 8, 9, 10] * 25, "long", 8), ids_request(seed_b + [5], "short", 64)]
+    events, expected = run(eng, rows), run(plain, rows)
+    cached = [final(events[r.request_id]).details.cached_tokens for r in rows]  # type: ignore[union-attr]
+    assert cached[1] == 127 and MIN_HIT_TOKENS <= cached[0] <= 24
+    assert spy.capacity == 192
+    assert spy.ragged == [] and [p[0] for p in spy.passes] == [1, 1]
+    assert {p[2] for p in spy.passes} == set(cached)
+    for r in rows:
+        assert token_ids(events[r.request_id]) == token_ids(expected[r.request_id])
+
+
+def test_a_prompt_sent_again_is_not_cached_twice(tiny_model_dir: Path) -> None:
+    eng = engine(tiny_model_dir)
+    one(eng, CONTEXT + "once", "a", 1)
+    cache = eng.prefix_cache
+    assert cache is not None
+    held, entries = cache.tokens_held, len(cache)
+    one(eng, CONTEXT + "once", "b", 1)
+    assert (cache.tokens_held, len(cache)) == (held, entries)
 
 
 # ------------------------------------------------------------------ the index alone

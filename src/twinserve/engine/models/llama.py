@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -110,11 +110,27 @@ class ForwardBatch:
     lengths: torch.Tensor | None = None  # prefill only
     slots_contiguous: bool = False  # decode rows are slots 0..B-1 in order
     prefix_len: int = 0  # prefill only: cached positions the new tokens continue from
+    _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def is_verify(self) -> bool:
         """Several tokens per row at each row's own positions (drafted tokens to check)."""
         return not self.is_prefill and self.input_ids.dim() == 2
+
+    def grouped_bias(self, mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """A verify mask [B, 1, W, keys] as the additive bias of `group` query heads stacked
+        along the query axis, [B, 1, group·W, keys]; made once per pass, not per layer."""
+        key = (id(mask), group, dtype)
+        bias = self._biases.get(key)
+        if bias is None:
+            rows, _, width, keys = mask.shape
+            zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            bias = zeros.masked_fill_(~mask, float("-inf")).expand(rows, group, width, keys)
+            bias = bias.reshape(rows, 1, group * width, keys)
+            self._biases[key] = bias
+        return bias
 
     @functools.cached_property
     def key_lengths(self) -> torch.Tensor:
@@ -412,11 +428,13 @@ class LlamaModel:
         k_cache[where] = k.reshape(n, width, s.num_kv_heads, s.head_dim)
         v_cache[where] = v.reshape(n, width, s.num_kv_heads, s.head_dim)
         keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
-        q4 = q.reshape(n, width, s.num_heads, s.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q4, keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
-        )
-        return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
+        # GQA as at decode: the query heads of one KV head, at all W positions, act as one
+        # longer query sequence (blocks the CPU flash kernel fills better than W alone)
+        n_kv, group, hd = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+        qg = q.view(n, width, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(n, n_kv, group * width, hd)
+        bias = None if mask is None else batch.grouped_bias(mask, group, q.dtype)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias)
+        return out.view(n, n_kv, group, width, hd).permute(0, 3, 1, 2, 4).reshape(n * width, s.num_heads * hd)
 
     def _prefill_attention(
         self,
