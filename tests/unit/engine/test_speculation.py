@@ -14,6 +14,7 @@ import torch
 
 from tests.engine_driver import greedy, run, token_ids
 from tests.factories import engine_config
+from twinserve.engine import speculation
 from twinserve.engine.engine import Engine
 from twinserve.engine.factory import build_engine
 from twinserve.engine.models.llama import ForwardBatch
@@ -22,12 +23,22 @@ from twinserve.engine.runner import SPECULATION_MAX_BATCH, SpeculationStats
 from twinserve.engine.speculation import PromptLookup, accepted_length
 
 # a random tiny model repeats itself, so its answers quote their own text: drafts get accepted
+# (single tokens, mostly: see one_token_matches)
 PROMPTS = [
     "the quick brown fox jumps over the lazy dog, the quick brown fox",
     "one two three four five six seven one two three",
     "hello there",
     "a b c d e f g h i j k l m n o p",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_token_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny random model seldom repeats two tokens in a row, which the lookup needs by
+    default (MIN_NGRAM = 2); here a 1-token match proposes too, so that its answers get drafts
+    accepted. What these tests check (output equal to plain decoding, the bookkeeping of
+    accepted runs) does not depend on how drafts are found."""
+    monkeypatch.setattr(speculation, "MIN_NGRAM", 1)
 
 
 def engine(model: Path, speculate: int = 0, **overrides: Any) -> Engine:
@@ -274,7 +285,8 @@ def test_off_by_default(tiny_model_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- the index alone
-def test_lookup_proposes_what_followed_the_latest_longest_match() -> None:
+def test_lookup_proposes_what_followed_the_latest_longest_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(speculation, "MIN_NGRAM", 2)  # the default
     lookup = PromptLookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 7])
     for t in (8, 2, 3):
         lookup.append(t)
@@ -285,8 +297,10 @@ def test_lookup_proposes_what_followed_the_latest_longest_match() -> None:
     lookup.append(5)  # (2, 3, 5) occurred: what followed it comes next
     assert lookup.propose(10) == [6, 7, 8, 2, 3, 5]  # it may run into the text it continues
     assert PromptLookup([1, 2, 3]).propose(4) == []  # nothing repeats yet
-    single = PromptLookup([4, 1, 4])
-    assert single.propose(4) == [1, 4]  # a 1-token match still proposes
+    assert PromptLookup([4, 1, 4]).propose(4) == [], "a 1-token match proposes nothing"
+    assert PromptLookup([4, 7, 1, 4, 7]).propose(4) == [1, 4, 7]
+    monkeypatch.setattr(speculation, "MIN_NGRAM", 1)
+    assert PromptLookup([4, 1, 4]).propose(4) == [1, 4]
 
 
 def test_accepted_length_is_the_agreeing_prefix() -> None:

@@ -133,6 +133,13 @@ class ForwardBatch:
         return bias
 
     @functools.cached_property
+    def token_slots(self) -> torch.Tensor:
+        """The cache slot of every token of the pass (a verify row's W tokens share its slot)."""
+        if self.input_ids.dim() == 2 and not self.is_prefill:
+            return self.slots.repeat_interleave(self.input_ids.shape[1])
+        return self.slots
+
+    @functools.cached_property
     def key_lengths(self) -> torch.Tensor:
         """Decode: the keys each row attends to, its own included (computed once per pass)."""
         return self.positions + 1
@@ -267,7 +274,7 @@ class LlamaModel:
         `logits_index` indexes the flattened token dimension; None = the last real token
         of every row (prefill) or every row (decode).
         """
-        if self.fused is not None and not batch.is_prefill and not batch.is_verify:
+        if self.fused is not None and not batch.is_prefill:
             return self._fused_decode(self.fused, batch, cache, logits_index)
         ids = batch.input_ids
         h = F.embedding(ids.reshape(-1), self.embed)
@@ -343,7 +350,7 @@ class LlamaModel:
     def _fused_decode(
         self, fused: FusedOps, batch: ForwardBatch, cache: SlotKVCache, logits_index: torch.Tensor | None
     ) -> torch.Tensor:
-        """`forward` of a decode pass through the compiled kernels (`engine/fused.py`).
+        """`forward` of a decode or verify pass through the compiled kernels (`engine/fused.py`).
 
         Each residual add is fused with the RMSNorm after it: the next layer's input norm,
         or the final norm after the last layer.
@@ -358,13 +365,13 @@ class LlamaModel:
         for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
             k_cache, v_cache = cache.layer(index)
             q = fused.rope_write_kv(
-                layer.qkv(x), cos, sin, k_cache, v_cache, batch.slots, batch.positions,
+                layer.qkv(x), cos, sin, k_cache, v_cache, batch.token_slots, batch.positions,
                 s.num_heads, s.num_kv_heads, s.head_dim,
             )  # fmt: skip
             sliding = window if s.layer_windows[index] is not None else None
-            if sliding is None and batch.slots_contiguous and self._fused_attention:
+            if sliding is None and batch.slots_contiguous and self._fused_attention and not batch.is_verify:
                 attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5)
-            else:  # rows in other slots, a sliding window that cuts, or bf16's own rounding: SDPA
+            else:  # verify rows, rows in other slots, a cutting window, or bf16 rounding: SDPA
                 attn = self._sdpa_decode(batch, k_cache, v_cache, q, sliding)
             h, x = fused.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, eps)
             h, x = fused.add_rms_norm(h, layer.down(fused.silu_mul(layer.gate_up(x))), next_norm, eps)
@@ -389,25 +396,6 @@ class LlamaModel:
         v_cache[batch.slots, :, batch.positions] = v
         return self._sdpa_decode(batch, k_cache, v_cache, q, window)
 
-    def _sdpa_decode(
-        self,
-        batch: ForwardBatch,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        q: torch.Tensor,
-        window: SlidingWindow | None,
-    ) -> torch.Tensor:
-        """Decode rows' attention over the cache, their K/V already written, through SDPA."""
-        s = self.shape
-        bsz = q.shape[0]
-        keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
-        # GQA at decode: the query heads of one KV head act as a short query sequence,
-        # so no K/V repeat is needed.
-        group = s.num_heads // s.num_kv_heads
-        qg = q.reshape(bsz, s.num_kv_heads, group, s.head_dim)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return out.reshape(bsz, s.num_heads * s.head_dim)
-
     def _verify_attention(
         self,
         batch: ForwardBatch,
@@ -427,13 +415,31 @@ class LlamaModel:
         where = (batch.slots[:, None], slice(None), batch.positions)
         k_cache[where] = k.reshape(n, width, s.num_kv_heads, s.head_dim)
         v_cache[where] = v.reshape(n, width, s.num_kv_heads, s.head_dim)
+        return self._sdpa_decode(batch, k_cache, v_cache, q, window)
+
+    def _sdpa_decode(
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q: torch.Tensor,
+        window: SlidingWindow | None,
+    ) -> torch.Tensor:
+        """Decode or verify rows' attention over the cache, their K/V already written, through SDPA.
+
+        GQA: the query heads of one KV head, at all of a row's W positions (1 at decode), act
+        as one query sequence, so no K/V repeat is needed and the CPU flash kernel gets blocks
+        it fills better than W alone.
+        """
+        s = self.shape
+        n = batch.slots.shape[0]
+        width = batch.input_ids.shape[1] if batch.is_verify else 1
         keys, values, mask = _decode_keys(batch, k_cache, v_cache, window)
-        # GQA as at decode: the query heads of one KV head, at all W positions, act as one
-        # longer query sequence (blocks the CPU flash kernel fills better than W alone)
         n_kv, group, hd = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
-        qg = q.view(n, width, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(n, n_kv, group * width, hd)
-        bias = None if mask is None else batch.grouped_bias(mask, group, q.dtype)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias)
+        qg = q.reshape(n, width, n_kv, group, hd).permute(0, 2, 3, 1, 4).reshape(n, n_kv, group * width, hd)
+        if mask is not None and width > 1:  # at decode the [B, 1, 1, keys] mask broadcasts as it is
+            mask = batch.grouped_bias(mask, group, q.dtype)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return out.view(n, n_kv, group, width, hd).permute(0, 3, 1, 2, 4).reshape(n * width, s.num_heads * hd)
 
     def _prefill_attention(
