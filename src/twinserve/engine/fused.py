@@ -31,7 +31,9 @@ from twinserve.config import get_settings
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "fused_decode.cpp"
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")
+# -fopenmp: at::parallel_for is inline OpenMP, serial without it; the build links the libgomp
+# torch loaded (same soname), so the process keeps one OpenMP pool
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 
 
 def _capability_flags() -> list[str]:
@@ -81,6 +83,7 @@ def _load() -> Any | None:
                 name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=[*CFLAGS, *_capability_flags()],
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 is_python_module=False,
                 verbose=False,

@@ -5,9 +5,14 @@ different kernels round differently. What must hold: next-token choices agree, t
 over a fixed text, on the prefill path and on the decode path (the KV cache read one token at a
 time); and where greedy generations part, the reference's top two logits were a near-tie.
 
-Measured 2026-12-01 over the 141-token text below: prefill bit-identical to transformers for every
-family; decode 100% top-1 (KL ≤ 6e-6; Mistral's window
-slices the keys like transformers' sliding cache, without which it measured 97.2%). The default model: tests/integration/test_bf16_default_model.py.
+Measured 2026-12-03 over the 141-token text below: prefill bit-identical to transformers for every
+family. Decode attention runs the compiled kernel (fp32 sums in its own order, not SDPA's), so
+decode parts from transformers' bf16 at 0-2 positions of 141, each within 2 bf16 ulps of a tie
+(98.6-100% top-1, KL ≤ 1.4e-4; Mistral's window slices the keys like transformers' sliding
+cache, without which it measured 97.2%). Against fp32, which is what bf16 approximates, the
+engine's decode is as close as transformers' bf16 decode: 92-97% top-1 for both, KL within 5%
+(`test_decode_is_as_close_to_fp32_as_transformers_bf16`). The default model:
+tests/integration/test_bf16_default_model.py.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine_driver import agreement, engine_logits, hf_logits
 from tests.factories import CORPUS, FAMILIES, engine_config, family_model_dir
-from tests.parity import NEAR_TIE_ULPS, assert_greedy_parts_only_at_near_ties
+from tests.parity import NEAR_TIE_ULPS, assert_decode_as_close_to_fp32, assert_greedy_parts_only_at_near_ties
 from twinserve.engine.factory import build_engine
 
 TEXT = " ".join(CORPUS[:5]) * 3
@@ -46,9 +51,14 @@ def test_teacher_forced_top1_agrees_with_transformers_bf16(family_dir: Path, dec
         hf_logits(reference, ids, decode=decode),
     )
     print(f"{family_dir.name} {'decode' if decode else 'prefill'} over {len(ids)} tokens: {result}")
-    assert result.top1 >= 0.99, result
+    assert result.top1 >= (0.98 if decode else 0.99), result
     assert result.kl_mean < 1e-3, result
     assert all(ulps <= NEAR_TIE_ULPS for ulps in result.parted_gap_ulps), result
+
+
+def test_decode_is_as_close_to_fp32_as_transformers_bf16(family_dir: Path) -> None:
+    engine = build_engine(bf16_engine_config(family_dir))  # type: ignore[arg-type]
+    assert_decode_as_close_to_fp32(engine, family_dir, engine.tokenizer(TEXT).input_ids)
 
 
 def test_greedy_generations_part_only_at_near_ties(family_dir: Path) -> None:

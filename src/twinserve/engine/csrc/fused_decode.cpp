@@ -20,6 +20,49 @@ inline T rnd(float x) {
   return static_cast<T>(x);
 }
 
+using Vec = at::vec::Vectorized<float>;
+
+// Rows per thread below which a kernel stays on the calling thread: one stream's step is a
+// few microseconds per kernel, less than waking the other OpenMP thread costs.
+constexpr int64_t kRowGrain = 8;
+
+inline Vec load_f32(const float* p) { return Vec::loadu(p); }
+inline Vec load_f32(const double* p) {  // dispatched for completeness; the engine never runs fp64
+  float lanes[Vec::size()];
+  for (int64_t l = 0; l < Vec::size(); ++l) lanes[l] = float(p[l]);
+  return Vec::loadu(lanes);
+}
+template <typename T>
+inline Vec load_f32(const T* p) {
+  Vec out;
+  at::vec::load_to_float<T>(p, out);
+  return out;
+}
+
+// x's Vec::size() lanes into dst, each rounded to the dtype as a scalar cast rounds it.
+template <typename T>
+inline void store_as(const Vec& x, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    x.store(dst);
+  } else if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(x, x).store(dst, Vec::size());
+  } else {
+    float lanes[Vec::size()];
+    x.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) dst[l] = T(lanes[l]);
+  }
+}
+
+// A vector of floats rounded to the dtype and back (the rounding each PyTorch op ends with).
+template <typename scalar_t>
+inline Vec round_trip(const Vec& x) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(x, x)));
+  } else {
+    return x;
+  }
+}
+
 constexpr int64_t kLanes = 16;
 
 // sum of a[i] * b[i] over 16 independent lanes, then the lanes: the compiler vectorizes it
@@ -42,7 +85,12 @@ inline float dot(const A* a, const B* b, int64_t n) {
 template <typename T>
 inline void norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
   const float inv = 1.f / std::sqrt(dot(x, x, n) / float(n) + eps);
-  for (int64_t i = 0; i < n; ++i) {
+  const int64_t width = Vec::size();
+  const Vec vinv(inv);
+  int64_t i = 0;
+  for (; i + width <= n; i += width)
+    store_as(round_trip<T>(load_f32(x + i) * vinv) * load_f32(weight + i), out + i);
+  for (; i < n; ++i) {
     const T normed = rnd<T>(float(x[i]) * inv);
     out[i] = rnd<T>(float(normed) * float(weight[i]));
   }
@@ -81,34 +129,48 @@ at::Tensor rope_write_kv(
     const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
     const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
     const int64_t row_stride = qkv.stride(0);
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r)
       TORCH_CHECK(slp[r] >= 0 && slp[r] < k_cache.size(0) && pp[r] >= 0 && pp[r] < k_cache.size(2),
                   "slot or position outside the cache");
-      const scalar_t* x = src + r * row_stride;
-      const scalar_t* cr = cp + r * head_dim;
-      const scalar_t* sr = sp + r * head_dim;
-      for (int64_t h = 0; h < n_q + n_kv; ++h) {
-        const scalar_t* xh = x + h * head_dim;
-        scalar_t* out = h < n_q ? qp + (r * n_q + h) * head_dim
-                                : kp + slp[r] * ks0 + (h - n_q) * ks1 + pp[r] * ks2;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          const int64_t rolled = d < half ? d + half : d - half;
-          const scalar_t a = rnd<scalar_t>(float(xh[d]) * float(cr[d]));
-          const scalar_t b = rnd<scalar_t>(float(xh[rolled]) * float(sr[d]));
-          out[d] = rnd<scalar_t>(float(a) + float(b));
+    const int64_t width = Vec::size(), dense = half - half % width;
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* x = src + r * row_stride;
+        const scalar_t* cr = cp + r * head_dim;
+        const scalar_t* sr = sp + r * head_dim;
+        for (int64_t h = 0; h < n_q + n_kv; ++h) {
+          const scalar_t* xh = x + h * head_dim;
+          scalar_t* out = h < n_q ? qp + (r * n_q + h) * head_dim
+                                  : kp + slp[r] * ks0 + (h - n_q) * ks1 + pp[r] * ks2;
+          // out[d] = x[d] cos[d] + x[d + half] sin[d], out[d + half] = x[d + half] cos[d + half] + x[d] sin[d + half]
+          for (int64_t d = 0; d < dense; d += width) {
+            const Vec lo = load_f32(xh + d), hi = load_f32(xh + d + half);
+            store_as(round_trip<scalar_t>(lo * load_f32(cr + d)) + round_trip<scalar_t>(hi * load_f32(sr + d)),
+                     out + d);
+            store_as(round_trip<scalar_t>(hi * load_f32(cr + d + half)) +
+                         round_trip<scalar_t>(lo * load_f32(sr + d + half)),
+                     out + d + half);
+          }
+          for (int64_t d = dense; d < head_dim; ++d) {
+            if (d >= half && d < half + dense) continue;  // done with its partner above
+            const int64_t rolled = d < half ? d + half : d - half;
+            const scalar_t a = rnd<scalar_t>(float(xh[d]) * float(cr[d]));
+            const scalar_t b = rnd<scalar_t>(float(xh[rolled]) * float(sr[d]));
+            out[d] = rnd<scalar_t>(float(a) + float(b));
+          }
         }
+        const scalar_t* v = x + (n_q + n_kv) * head_dim;
+        for (int64_t h = 0; h < n_kv; ++h)
+          std::copy(v + h * head_dim, v + (h + 1) * head_dim, vp + slp[r] * vs0 + h * vs1 + pp[r] * vs2);
       }
-      const scalar_t* v = x + (n_q + n_kv) * head_dim;
-      for (int64_t h = 0; h < n_kv; ++h) {
-        scalar_t* out = vp + slp[r] * vs0 + h * vs1 + pp[r] * vs2;
-        for (int64_t d = 0; d < head_dim; ++d) out[d] = v[h * head_dim + d];
-      }
-    }
+    });
   });
   return q;
 }
 
-// silu(gate) * up of a fused [rows, 2 * inter] gate/up output, into a dense [rows, inter].
+// silu(gate) * up of a fused [rows, 2 * inter] gate/up output, into a dense [rows, inter]:
+// silu as ATen's vectorized kernel computes it (x / (1 + exp(-x)) in fp32, rounded to the
+// dtype), then the product, rounded again.
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.stride(1) == 1, "gate_up shape");
   const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
@@ -117,42 +179,125 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     const scalar_t* src = gate_up.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t stride = gate_up.stride(0);
-    // silu as ATen's vectorized kernel computes it, x / (1 + exp(-x)) in fp32 vectors
-    using Vec = at::vec::Vectorized<float>;
-    const int64_t width = Vec::size();
-    std::vector<float> buf(width);
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* gate = src + r * stride;
-      const scalar_t* up = gate + inter;
-      scalar_t* o = dst + r * inter;
-      int64_t j = 0;
-      for (; j + width <= inter; j += width) {
-        for (int64_t l = 0; l < width; ++l) buf[l] = float(gate[j + l]);
-        const Vec x = Vec::loadu(buf.data());
-        (x / (Vec(1.f) + x.neg().exp())).store(buf.data());
-        for (int64_t l = 0; l < width; ++l)
-          o[j + l] = rnd<scalar_t>(float(rnd<scalar_t>(buf[l])) * float(up[j + l]));
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = src + r * stride;
+        scalar_t* o = dst + r * inter;
+        if constexpr (std::is_same_v<scalar_t, double>) {  // dispatched for completeness only
+          for (int64_t j = 0; j < inter; ++j) o[j] = gate[j] / (1 + std::exp(-gate[j])) * gate[inter + j];
+        } else {
+          at::vec::map2<scalar_t>(
+              [](Vec x, Vec up) { return round_trip<scalar_t>(x / (Vec(1.f) + x.neg().exp())) * up; }, o,
+              gate, gate + inter, inter);
+        }
       }
-      for (; j < inter; ++j) {
-        const float g = float(gate[j]);
-        o[j] = rnd<scalar_t>(float(rnd<scalar_t>(g / (1.f + std::exp(-g)))) * float(up[j]));
-      }
-    }
+    });
   });
   return out;
 }
 
 // Decode attention of rows that each attend keys 0..lengths[r]-1 of their own cache slot
 // (slots 0..rows-1): q [rows, n_q, head_dim], caches [slots, n_kv, capacity, head_dim].
-// The query heads of one KV head share its keys (GQA). Rounded as SDPA's CPU flash kernel
-// rounds: scores scaled after the dot product, softmax weights rounded to the dtype before
-// they weigh the values, their sum kept in fp32, one rounding of the output.
+// The query heads of one KV head share its keys (GQA): each key and value is read once for
+// all of them, in fp32 vectors. Rounded as SDPA's CPU flash kernel rounds: scores scaled
+// after the dot product, softmax weights rounded to the dtype before they weigh the values,
+// their sum kept in fp32, one rounding of the output; only the order of the fp32 sums differs.
+constexpr int64_t kMaxChunks = 32;  // head_dim up to 32 vectors (512 with AVX-512, 256 with AVX2)
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
+// exp(x - top) of n scores in place, as the flash kernel's fused loop computes it (vectors
+// through exp_u20, built for the CPU capability ATen runs, see fused.py; the tail scalar),
+// then rounded to the dtype; returns the fp32 sum of the unrounded values.
+template <typename scalar_t>
+inline float softmax_weights(float* x, int64_t n, float top) {
+  const int64_t width = Vec::size(), whole = n - n % width;
+  const Vec vtop(top);
+  Vec vsum(0.f);
+  for (int64_t j = 0; j < whole; j += width) {
+    const Vec e = (Vec::loadu(x + j) - vtop).exp_u20();
+    vsum += e;
+    e.store(x + j);
+  }
+  float total = hsum(vsum);
+  for (int64_t j = whole; j < n; ++j) {
+    x[j] = std::exp(x[j] - top);
+    total += x[j];
+  }
+  for (int64_t j = 0; j < n; ++j) x[j] = float(rnd<scalar_t>(x[j]));
+  return total;
+}
+
+// The cache is read once per step from memory, and the hardware's prefetchers stop at every
+// 4 KiB page: ask for the row kPrefetchRows ahead (past the end is harmless, prefetches never fault).
+constexpr int64_t kPrefetchRows = 12;
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t b = 0; b < int64_t(n * sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b);
+}
+
+// One (row, KV head) task of decode_attention: the `group` query heads qf (fp32, [group, hd])
+// over n keys. C = head_dim / Vec::size() when known at compile time (the vectors then stay in
+// registers), 0 for any other head_dim (`chunks` then, the rest of hd scalar).
+template <int C, typename scalar_t>
+void attend_group(const float* qf, const scalar_t* keys, int64_t ks, const scalar_t* values, int64_t vs,
+                  int64_t n, int64_t group, int64_t hd, int64_t chunks, float scale, float* scores,
+                  scalar_t* out) {
+  constexpr int64_t width = Vec::size();
+  const int64_t nc = C > 0 ? C : chunks, dense = nc * width;
+  Vec part[C > 0 ? C : kMaxChunks];
+  // scores: each key converted once, dotted with every query head of the group
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* kj = keys + j * ks;
+    prefetch_row(kj + kPrefetchRows * ks, hd);
+    for (int64_t c = 0; c < nc; ++c) part[c] = load_f32(kj + c * width);
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = qf + h * hd;
+      float s = 0.f;
+      if (nc > 0) {
+        Vec sum = Vec::loadu(qh) * part[0];
+        for (int64_t c = 1; c < nc; ++c) sum = at::vec::fmadd(Vec::loadu(qh + c * width), part[c], sum);
+        s = hsum(sum);
+      }
+      for (int64_t d = dense; d < hd; ++d) s += qh[d] * float(kj[d]);
+      scores[h * n + j] = s * scale;
+    }
+  }
+  // values: per head, fp32 accumulators in registers over the keys
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = scores + h * n;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) top = sh[j] > top ? sh[j] : top;
+    const float reciprocal = 1.f / softmax_weights<scalar_t>(sh, n, top);
+    for (int64_t c = 0; c < nc; ++c) part[c] = Vec(0.f);
+    float tail[width] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* vj = values + j * vs;
+      if (h == 0) prefetch_row(vj + kPrefetchRows * vs, hd);
+      const Vec w(sh[j]);
+      for (int64_t c = 0; c < nc; ++c) part[c] = at::vec::fmadd(w, load_f32(vj + c * width), part[c]);
+      for (int64_t d = dense; d < hd; ++d) tail[d - dense] += sh[j] * float(vj[d]);
+    }
+    scalar_t* oh = out + h * hd;
+    float lanes[width];
+    for (int64_t c = 0; c < nc; ++c) {
+      (part[c] * Vec(reciprocal)).store(lanes);
+      for (int64_t l = 0; l < width; ++l) oh[c * width + l] = rnd<scalar_t>(lanes[l]);
+    }
+    for (int64_t d = dense; d < hd; ++d) oh[d] = rnd<scalar_t>(tail[d - dense] * reciprocal);
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q shape");
   const int64_t rows = q.size(0), n_q = q.size(1), hd = q.size(2), n_kv = k_cache.size(1);
   TORCH_CHECK(n_q % n_kv == 0 && k_cache.size(3) == hd && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "cache layout");
+  const int64_t chunks = hd / Vec::size();
+  TORCH_CHECK(chunks <= kMaxChunks, "head_dim too large for decode_attention");
   auto len = lengths.to(at::kLong).contiguous();
   TORCH_CHECK(len.numel() == rows && rows <= k_cache.size(0), "one length per row");
   const int64_t group = n_q / n_kv;
@@ -165,49 +310,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     const int64_t* lp = len.const_data_ptr<int64_t>();
     const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
     const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+    const bool exact = hd % Vec::size() == 0;
+    auto attend = !exact         ? attend_group<0, scalar_t>
+                  : chunks == 2  ? attend_group<2, scalar_t>
+                  : chunks == 4  ? attend_group<4, scalar_t>
+                  : chunks == 8  ? attend_group<8, scalar_t>
+                  : chunks == 16 ? attend_group<16, scalar_t>
+                                 : attend_group<0, scalar_t>;
     at::parallel_for(0, rows * n_kv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, acc(hd), qf(hd);
+      std::vector<float> scores, qf(group * hd);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / n_kv, g = task % n_kv, n = lp[r];
         TORCH_CHECK(n >= 1 && n <= k_cache.size(2), "length outside the cache");
-        scores.resize(n);
-        const scalar_t* keys = kp + r * ks0 + g * ks1;
-        const scalar_t* values = vp + r * vs0 + g * vs1;
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const scalar_t* qh = qp + (r * n_q + h) * hd;
-          for (int64_t d = 0; d < hd; ++d) qf[d] = float(qh[d]);
-          float top = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) {
-            scores[j] = dot(qf.data(), keys + j * ks2, hd) * float(scale);
-            top = scores[j] > top ? scores[j] : top;
-          }
-          // exp and sum as the flash kernel's fused loop computes them: vectors through
-          // exp_u20 (built for the CPU capability ATen runs, see fused.py), the tail scalar
-          using Vec = at::vec::Vectorized<float>;
-          const int64_t width = Vec::size(), whole = n - n % width;
-          const Vec vtop(top);
-          Vec vsum(0.f);
-          for (int64_t j = 0; j < whole; j += width) {
-            const Vec e = (Vec::loadu(scores.data() + j) - vtop).exp_u20();
-            vsum += e;
-            e.store(scores.data() + j);
-          }
-          float total = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-          for (int64_t j = whole; j < n; ++j) {
-            scores[j] = std::exp(scores[j] - top);
-            total += scores[j];
-          }
-          for (int64_t j = 0; j < n; ++j) scores[j] = float(rnd<scalar_t>(scores[j]));
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t* vj = values + j * vs2;
-            const float w = scores[j];
-            for (int64_t d = 0; d < hd; ++d) acc[d] += w * float(vj[d]);
-          }
-          scalar_t* oh = op + r * n_q * hd + h * hd;
-          const float reciprocal = 1.f / total;
-          for (int64_t d = 0; d < hd; ++d) oh[d] = rnd<scalar_t>(acc[d] * reciprocal);
-        }
+        scores.resize(group * n);
+        const int64_t first = (r * n_q + g * group) * hd;  // the group's query heads, in q and out
+        for (int64_t i = 0; i < group * hd; ++i) qf[i] = float(qp[first + i]);
+        attend(qf.data(), kp + r * ks0 + g * ks1, ks2, vp + r * vs0 + g * vs1, vs2, n, group, hd, chunks,
+               float(scale), scores.data(), op + first);
       }
     });
   });
@@ -221,9 +340,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm dtype");
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    for (int64_t r = 0; r < x.size(0); ++r)
-      norm_row(x.const_data_ptr<scalar_t>() + r * x.stride(0), weight.const_data_ptr<scalar_t>(),
-               out.data_ptr<scalar_t>() + r * x.size(1), x.size(1), float(eps));
+    at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        norm_row(x.const_data_ptr<scalar_t>() + r * x.stride(0), weight.const_data_ptr<scalar_t>(),
+                 out.data_ptr<scalar_t>() + r * x.size(1), x.size(1), float(eps));
+    });
   });
   return out;
 }
@@ -238,14 +359,17 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const at::T
   auto sum = at::empty_like(h);
   auto out = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "add_rms_norm", [&] {
-    const int64_t n = h.size(1);
-    for (int64_t r = 0; r < h.size(0); ++r) {
-      const scalar_t* a = h.const_data_ptr<scalar_t>() + r * n;
-      const scalar_t* b = delta.const_data_ptr<scalar_t>() + r * delta.stride(0);
-      scalar_t* s = sum.data_ptr<scalar_t>() + r * n;
-      for (int64_t i = 0; i < n; ++i) s[i] = rnd<scalar_t>(float(a[i]) + float(b[i]));
-      norm_row(s, weight.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r * n, n, float(eps));
-    }
+    const int64_t n = h.size(1), width = Vec::size(), dense = n - n % width;
+    at::parallel_for(0, h.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* a = h.const_data_ptr<scalar_t>() + r * n;
+        const scalar_t* b = delta.const_data_ptr<scalar_t>() + r * delta.stride(0);
+        scalar_t* s = sum.data_ptr<scalar_t>() + r * n;
+        for (int64_t i = 0; i < dense; i += width) store_as(load_f32(a + i) + load_f32(b + i), s + i);
+        for (int64_t i = dense; i < n; ++i) s[i] = rnd<scalar_t>(float(a[i]) + float(b[i]));
+        norm_row(s, weight.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + r * n, n, float(eps));
+      }
+    });
   });
   return {sum, out};
 }

@@ -197,9 +197,6 @@ class LlamaModel:
         self._sin: torch.Tensor | None = None
         self._flash = _flash_attn_func() if attention == "flash_attention_2" else None
         self.fused: FusedOps | None = fused_ops(device)
-        # unquantized 16-bit decode keeps SDPA: its rounding is the one transformers' bf16
-        # decode has (tests/unit/engine/test_bf16_parity.py), the fused kernel's differs by an ulp
-        self._fused_attention = quantize is not None or self.act_dtype == torch.float32
         # int8 quantizes activations too: outliers are first moved into the weights (SmoothQuant)
         smoother = None
         if quantize == "int8" and calibration_ids:
@@ -369,9 +366,9 @@ class LlamaModel:
                 s.num_heads, s.num_kv_heads, s.head_dim,
             )  # fmt: skip
             sliding = window if s.layer_windows[index] is not None else None
-            if sliding is None and batch.slots_contiguous and self._fused_attention and not batch.is_verify:
+            if sliding is None and batch.slots_contiguous and not batch.is_verify:
                 attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5)
-            else:  # verify rows, rows in other slots, a cutting window, or bf16 rounding: SDPA
+            else:  # verify rows, rows in other slots or a cutting window: SDPA
                 attn = self._sdpa_decode(batch, k_cache, v_cache, q, sliding)
             h, x = fused.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, eps)
             h, x = fused.add_rms_norm(h, layer.down(fused.silu_mul(layer.gate_up(x))), next_norm, eps)
