@@ -124,7 +124,7 @@ def test_decode_attention_matches_sdpa_over_each_rows_keys(
     ops: FusedOps, dtype: torch.dtype, rows: int, hd: int
 ) -> None:
     q, k_cache, v_cache, lengths = _attention_case(rows, hd, dtype)
-    got = ops.decode_attention(q, k_cache, v_cache, lengths, hd**-0.5)
+    got = ops.decode_attention(q, k_cache, v_cache, lengths, hd**-0.5, 1)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: an ulp where roundings part
     torch.testing.assert_close(got, _sdpa(q, k_cache, v_cache, lengths), rtol=tol, atol=tol)
     n_kv = k_cache.shape[1]
@@ -133,13 +133,36 @@ def test_decode_attention_matches_sdpa_over_each_rows_keys(
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verify_shaped_attention_computes_each_query_as_a_decode_row(
+    ops: FusedOps, dtype: torch.dtype
+) -> None:
+    """width queries per slot (a row's last token and its drafts), each with its own causal limit."""
+    g = torch.Generator().manual_seed(4)
+    slots, width, n_kv, group, hd, capacity = 3, 4, 2, 3, 64, 40
+    q = torch.randn(slots * width, n_kv * group, hd, generator=g).to(dtype)
+    k_cache = torch.randn(slots, n_kv, capacity, hd, generator=g).to(dtype)
+    v_cache = torch.randn(slots, n_kv, capacity, hd, generator=g).to(dtype)
+    starts = torch.tensor([0, 9, 35])
+    lengths = (starts[:, None] + torch.arange(width) + 1).reshape(-1)
+    got = ops.decode_attention(q, k_cache, v_cache, lengths, hd**-0.5, width)
+    # the same queries as decode rows, each over its own copy of its slot
+    of_slot = torch.arange(slots).repeat_interleave(width)
+    alone = ops.decode_attention(q, k_cache[of_slot], v_cache[of_slot], lengths, hd**-0.5, 1)
+    assert torch.equal(got, alone)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, _sdpa(q, k_cache[of_slot], v_cache[of_slot], lengths), rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="queries per slot"):
+        ops.decode_attention(q[:-1], k_cache, v_cache, lengths[:-1], hd**-0.5, width)
+
+
 @pytest.mark.parametrize(("rows", "hd"), ATTENTION_SHAPES)
 def test_decode_attention_in_bf16_is_as_close_to_fp32_as_sdpa(ops: FusedOps, rows: int, hd: int) -> None:
     """bf16 sums in another order than SDPA's, not a less exact one: against attention computed in
     fp32 on the same bf16 inputs, the kernel's error is SDPA's, to within 10%."""
     q, k_cache, v_cache, lengths = _attention_case(rows, hd, torch.bfloat16)
     exact = _sdpa(q.float(), k_cache.float(), v_cache.float(), lengths)
-    ours = (ops.decode_attention(q, k_cache, v_cache, lengths, hd**-0.5).float() - exact).abs()
+    ours = (ops.decode_attention(q, k_cache, v_cache, lengths, hd**-0.5, 1).float() - exact).abs()
     theirs = (_sdpa(q, k_cache, v_cache, lengths).float() - exact).abs()
     assert ours.mean() <= 1.1 * theirs.mean(), (ours.mean(), theirs.mean())
     assert ours.max() <= theirs.max() * 1.5, (ours.max(), theirs.max())

@@ -196,8 +196,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-// Decode attention of rows that each attend keys 0..lengths[r]-1 of their own cache slot
-// (slots 0..rows-1): q [rows, n_q, head_dim], caches [slots, n_kv, capacity, head_dim].
+// Decode attention: query i (of `width` per slot) attends keys 0..lengths[i]-1 of cache slot
+// i / width (slots 0..rows-1): q [rows * width, n_q, head_dim], caches [slots, n_kv, capacity,
+// head_dim]. width 1 is a decode step; more are a verifying pass (a row's last token and its
+// drafts, each with its own causal limit). Each query is computed as a decode row would be.
 // The query heads of one KV head share its keys (GQA): each key and value is read once for
 // all of them, in fp32 vectors. Rounded as SDPA's CPU flash kernel rounds: scores scaled
 // after the dot product, softmax weights rounded to the dtype before they weigh the values,
@@ -291,15 +293,16 @@ void attend_group(const float* qf, const scalar_t* keys, int64_t ks, const scala
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& lengths, double scale) {
+                            const at::Tensor& lengths, double scale, int64_t width) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q shape");
   const int64_t rows = q.size(0), n_q = q.size(1), hd = q.size(2), n_kv = k_cache.size(1);
+  TORCH_CHECK(width >= 1 && rows % width == 0, "queries per slot");
   TORCH_CHECK(n_q % n_kv == 0 && k_cache.size(3) == hd && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "cache layout");
   const int64_t chunks = hd / Vec::size();
   TORCH_CHECK(chunks <= kMaxChunks, "head_dim too large for decode_attention");
   auto len = lengths.to(at::kLong).contiguous();
-  TORCH_CHECK(len.numel() == rows && rows <= k_cache.size(0), "one length per row");
+  TORCH_CHECK(len.numel() == rows && rows / width <= k_cache.size(0), "one length per query");
   const int64_t group = n_q / n_kv;
   auto out = at::empty({rows, n_q * hd}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
@@ -320,12 +323,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     at::parallel_for(0, rows * n_kv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, qf(group * hd);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t r = task / n_kv, g = task % n_kv, n = lp[r];
+        const int64_t r = task / n_kv, g = task % n_kv, n = lp[r], slot = r / width;
         TORCH_CHECK(n >= 1 && n <= k_cache.size(2), "length outside the cache");
         scores.resize(group * n);
         const int64_t first = (r * n_q + g * group) * hd;  // the group's query heads, in q and out
         for (int64_t i = 0; i < group * hd; ++i) qf[i] = float(qp[first + i]);
-        attend(qf.data(), kp + r * ks0 + g * ks1, ks2, vp + r * vs0 + g * vs1, vs2, n, group, hd, chunks,
+        attend(qf.data(), kp + slot * ks0 + g * ks1, ks2, vp + slot * vs0 + g * vs1, vs2, n, group, hd, chunks,
                float(scale), scores.data(), op + first);
       }
     });
@@ -381,7 +384,9 @@ TORCH_LIBRARY(twinserve, m) {
       "rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slots, Tensor positions, int n_q, int n_kv, int head_dim) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale, int width) -> "
+      "Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor h, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }

@@ -28,6 +28,11 @@ from twinserve.engine.models.architecture import ModelShape, rope_parameters
 from twinserve.engine.models.checkpoint_config import CheckpointConfig
 from twinserve.errors import ModelLoadError
 
+# Queries per row up to which the compiled kernel computes the attention of a pass through the
+# cache (decode 1, a verifying pass 1 + drafts); it reads a row's keys once per query, where
+# SDPA's blocked kernel shares them, so longer ragged prefills keep SDPA.
+MAX_KERNEL_QUERIES = 16
+
 
 @dataclass(frozen=True)
 class DecoderLayer:
@@ -141,8 +146,8 @@ class ForwardBatch:
 
     @functools.cached_property
     def key_lengths(self) -> torch.Tensor:
-        """Decode: the keys each row attends to, its own included (computed once per pass)."""
-        return self.positions + 1
+        """The keys each token of a decode or verify pass attends to, its own included (once per pass)."""
+        return self.positions.reshape(-1) + 1
 
 
 class LlamaModel:
@@ -358,6 +363,7 @@ class LlamaModel:
         cos, sin = self.rope(batch)
         window = self.window_mask(batch)
         x = fused.rms_norm(h, self.layers[0].input_norm, eps)
+        width = batch.input_ids.shape[1] if batch.is_verify else 1
         next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
             k_cache, v_cache = cache.layer(index)
@@ -366,9 +372,9 @@ class LlamaModel:
                 s.num_heads, s.num_kv_heads, s.head_dim,
             )  # fmt: skip
             sliding = window if s.layer_windows[index] is not None else None
-            if sliding is None and batch.slots_contiguous and not batch.is_verify:
-                attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5)
-            else:  # verify rows, rows in other slots or a cutting window: SDPA
+            if sliding is None and batch.slots_contiguous and width <= MAX_KERNEL_QUERIES:
+                attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5, width)
+            else:  # rows in other slots, a cutting window, or a long ragged prefill: SDPA
                 attn = self._sdpa_decode(batch, k_cache, v_cache, q, sliding)
             h, x = fused.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, eps)
             h, x = fused.add_rms_norm(h, layer.down(fused.silu_mul(layer.gate_up(x))), next_norm, eps)
