@@ -54,7 +54,9 @@ def engine_command(
     w1_requests: int = typer.Option(3, "--w1-requests", min=1),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip transformers generate."),
     peer: str | None = typer.Option(
-        None, "--peer", help="llama-cpp: also run llama.cpp on W1 and TTFT (pip install 'twinserve\\[bench]')."
+        None,
+        "--peer",
+        help="llama-cpp: also run llama.cpp on W1 and TTFT (pip install 'twinserve\\[bench]').",
     ),
     peer_gguf: Path | None = typer.Option(
         None, "--peer-gguf", help="GGUF for the peer (default: the default model's own Q4_1 GGUF)."
