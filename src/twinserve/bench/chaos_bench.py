@@ -64,6 +64,9 @@ def _quiet(_: str) -> None:
     """The default progress callback: say nothing."""
 
 
+_EVIDENCE_LOGS = ("router", "controller", "control")  # the processes that heal an endpoint
+
+
 class ChaosConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -293,12 +296,21 @@ class ChaosBench:
             if not problems:
                 return outcome, time.monotonic() - killed_at, []
             if time.monotonic() >= deadline:
-                return (
-                    None,
-                    None,
-                    [f"not healed after {self.config.heal_timeout_s:.0f}s: {p}" for p in problems],
-                )
+                unhealed = [f"not healed after {self.config.heal_timeout_s:.0f}s: {p}" for p in problems]
+                return None, None, [*unhealed, self._evidence()]
             time.sleep(_POLL_S)
+
+    def _evidence(self) -> str:
+        """What a run that did not heal leaves to go on (its folder is deleted afterwards): the
+        endpoint's status and operation, and the last lines of its control processes' logs."""
+        try:
+            ep = self.store.get_endpoint(NAME)
+        except NotFoundError:
+            return "evidence: the endpoint is gone"
+        holder = ep.operation_holder.describe() if ep.operation_holder is not None else None
+        tails = {k: v for k, v in self.manager.logs(NAME, lines=15).items() if k in _EVIDENCE_LOGS}
+        logs = "\n".join(f"--- {label}\n{text}" for label, text in tails.items())
+        return f"evidence: status {ep.status.value}, operation {ep.operation} ({holder})\n{logs}"
 
     def _check(
         self, before: _Before, operation: Operation, asked: int | None
