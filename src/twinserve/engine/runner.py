@@ -107,9 +107,10 @@ class ModelRunner:
     # --------------------------------------------------------------- cache
     def prepare_cache(self, slots: int, capacity: int, live_slots: int) -> None:
         budget = self.config.max_batch_total_tokens
-        if self.prefix is not None and (slots > self.cache.slots or capacity > self.cache.capacity):
+        planned = self.cache.plan(slots, capacity, budget)
+        if self.prefix is not None and planned is not None:
             # running requests come first: cached prefixes give way to a larger slot cache
-            self.prefix.evict_to(budget - max(slots, self.cache.slots) * max(capacity, self.cache.capacity))
+            self.prefix.evict_to(budget - planned[0] * planned[1])
         self.cache.fit(slots, capacity, live_slots, budget)
 
     def retain(self, state: RequestState) -> None:

@@ -30,6 +30,22 @@ def test_fit_reallocates_when_the_current_size_breaks_the_budget() -> None:
     assert cache.allocated_bytes == 2 * 2 * 2 * 1 * 16 * 2 * 4
 
 
+def test_capacity_grows_by_half_again_so_a_growing_history_does_not_reallocate_each_turn() -> None:
+    cache = _cache()
+    cache.fit(4, 128, live_slots=0, max_tokens=4096)
+    k, _ = cache.layer(0)
+    k[3, 0, :128] = 1.0
+    cache.fit(4, 140, live_slots=4, max_tokens=4096)  # the next turn needs 12 more positions
+    assert (cache.slots, cache.capacity) == (4, 192)
+    held = cache.layer(0)[0]
+    assert cache.plan(4, 190, max_tokens=4096) is None  # the turn after fits as it is
+    cache.fit(4, 190, live_slots=4, max_tokens=4096)
+    assert cache.layer(0)[0] is held and bool((held[3, 0, :128] == 1.0).all())
+    # no headroom past the budget: exactly what was asked
+    cache.fit(4, 200, live_slots=4, max_tokens=4 * 200)
+    assert (cache.slots, cache.capacity) == (4, 200)
+
+
 def test_move_slot_copies_only_the_cached_prefix() -> None:
     cache = _cache()
     cache.fit(3, 4, live_slots=0, max_tokens=100)
