@@ -54,17 +54,20 @@ def assert_greedy_parts_only_at_near_ties(
         assert got[parted] in logits.topk(2).indices.tolist(), (prompt, parted)
 
 
-def assert_decode_as_close_to_fp32(engine: Engine, model_dir: Path, ids: list[int]) -> None:
+def assert_decode_as_close_to_fp32(
+    engine: Engine, model_dir: Path, ids: list[int], reference_bf16: torch.Tensor | None = None
+) -> None:
     """The engine's bf16 decode (teacher-forced over `ids`) agrees with fp32 transformers as well as
     transformers' own bf16 decode does: one position of slack on top-1, 25% on the mean KL.
 
     Roundings in another order are not less exact; this is what makes that a tested claim.
+    `reference_bf16`: transformers' bf16 decode logits over `ids`, when the caller has them.
     """
     exact = hf_logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ids, decode=True)
-    theirs = agreement(
-        hf_logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), ids, decode=True),
-        exact,
-    )
+    if reference_bf16 is None:
+        bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        reference_bf16 = hf_logits(bf16, ids, decode=True)
+    theirs = agreement(reference_bf16, exact)
     ours = agreement(engine_logits(engine.runner.model, ids, decode=True), exact)  # type: ignore[attr-defined]
     print(f"{model_dir.name} bf16 decode vs fp32: engine {ours}; transformers {theirs}")
     n = len(ids)
