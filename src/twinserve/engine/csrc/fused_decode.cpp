@@ -283,11 +283,7 @@ void attend_group(const float* qf, const scalar_t* keys, int64_t ks, const scala
       for (int64_t d = dense; d < hd; ++d) tail[d - dense] += sh[j] * float(vj[d]);
     }
     scalar_t* oh = out + h * hd;
-    float lanes[width];
-    for (int64_t c = 0; c < nc; ++c) {
-      (part[c] * Vec(reciprocal)).store(lanes);
-      for (int64_t l = 0; l < width; ++l) oh[c * width + l] = rnd<scalar_t>(lanes[l]);
-    }
+    for (int64_t c = 0; c < nc; ++c) store_as(part[c] * Vec(reciprocal), oh + c * width);
     for (int64_t d = dense; d < hd; ++d) oh[d] = rnd<scalar_t>(tail[d - dense] * reciprocal);
   }
 }
