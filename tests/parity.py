@@ -50,8 +50,12 @@ def assert_greedy_parts_only_at_near_ties(
         assert gap <= allowed, (
             f"{prompt!r} parted at token {parted} where the top-2 gap is {gap:.4f} > {allowed}"
         )
-        # and the engine's choice was the reference's runner-up, not some far-off token
-        assert got[parted] in logits.topk(2).indices.tolist(), (prompt, parted)
+        # and the engine's choice was itself one of the near-tied candidates, not some far-off
+        # token (bf16 logits tie exactly: the reference's runner-up may be any of several)
+        behind = float(top2[0] - logits[got[parted]])
+        assert behind <= allowed, (
+            f"{prompt!r} parted at token {parted} on a token {behind:.4f} behind the top > {allowed}"
+        )
 
 
 def assert_decode_as_close_to_fp32(
