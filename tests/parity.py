@@ -58,22 +58,31 @@ def assert_greedy_parts_only_at_near_ties(
         )
 
 
-def assert_decode_as_close_to_fp32(
-    engine: Engine, model_dir: Path, ids: list[int], reference_bf16: torch.Tensor | None = None
+def assert_as_close_to_fp32(
+    engine: Engine,
+    model_dir: Path,
+    ids: list[int],
+    reference_bf16: torch.Tensor | None = None,
+    *,
+    decode: bool,
 ) -> None:
-    """The engine's bf16 decode (teacher-forced over `ids`) agrees with fp32 transformers as well as
-    transformers' own bf16 decode does: one position of slack on top-1, 25% on the mean KL.
+    """The engine's bf16 logits (teacher-forced over `ids`: one prefill pass, or decode steps through
+    the KV cache) agree with fp32 transformers as well as transformers' own bf16 does: one position
+    of slack on top-1, 25% on the mean KL.
 
     Roundings in another order are not less exact; this is what makes that a tested claim.
-    `reference_bf16`: transformers' bf16 decode logits over `ids`, when the caller has them.
+    `reference_bf16`: transformers' bf16 logits over `ids` on the same path, when the caller has them.
     """
-    exact = hf_logits(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ids, decode=True)
+    exact = hf_logits(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ids, decode=decode
+    )
     if reference_bf16 is None:
         bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        reference_bf16 = hf_logits(bf16, ids, decode=True)
+        reference_bf16 = hf_logits(bf16, ids, decode=decode)
     theirs = agreement(reference_bf16, exact)
-    ours = agreement(engine_logits(engine.runner.model, ids, decode=True), exact)  # type: ignore[attr-defined]
-    print(f"{model_dir.name} bf16 decode vs fp32: engine {ours}; transformers {theirs}")
+    ours = agreement(engine_logits(engine.runner.model, ids, decode=decode), exact)  # type: ignore[attr-defined]
+    path = "decode" if decode else "prefill"
+    print(f"{model_dir.name} bf16 {path} vs fp32: engine {ours}; transformers {theirs}")
     n = len(ids)
     assert round(ours.top1 * n) >= round(theirs.top1 * n) - 1, (ours, theirs)  # positions, not ratios
     assert ours.kl_mean <= 1.25 * theirs.kl_mean, (ours, theirs)

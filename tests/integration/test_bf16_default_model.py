@@ -1,14 +1,16 @@
 """The default model (SmolLM2-135M-Instruct) in bf16, the dtype it is served in, against transformers.
 
-Measured 2026-12-03 over the 186-token text below:
-- prefill (one pass over the text): bit-identical to transformers, 100% top-1, KL 0;
+Measured 2026-12-03 (an Intel Xeon with AMX) over the 186-token text below, with the compiled
+kernels (engine/fused.py),
+which serve every pass on the CPU since prefill went through them too (its RMSNorm sums in its
+own fp32 order, and decode attention is the kernel's, not SDPA's):
+- prefill (one pass over the text): 97.3% top-1 against transformers' bf16 prefill, KL 1.8e-3,
+  every parting within 1 bf16 ulp of a tie (the pure-PyTorch path is bit-identical to it);
 - decode (one token at a time through the KV cache, as serving runs): 98.9% top-1 against
-  transformers' own decode, KL 1.9e-3, and every position where they part is within 1 bf16 ulp
-  of a tie. The rounding differs because the engine's decode attention is its compiled kernel
-  (engine/csrc/fused_decode.cpp: fp32 sums in its own order; 3x faster than SDPA at 32 rows).
-  For scale: transformers' own decode agrees with its own prefill on 98.9% of these positions.
-- against fp32: the engine's bf16 decode 98.4% top-1, KL 1.19e-3; transformers' bf16 decode
-  97.9%, KL 1.14e-3 (`test_decode_is_as_close_to_fp32_as_transformers_bf16`).
+  transformers' own decode, KL 1.7e-3, each parting within 1 bf16 ulp of a tie;
+- against fp32, which bf16 approximates: the engine's prefill 97.8% top-1, KL 1.23e-3, where
+  transformers' bf16 prefill is 97.3%, KL 1.25e-3; decode 96.8%, KL 1.17e-3 for the engine,
+  96.8%, KL 1.21e-3 for transformers (`test_as_close_to_fp32_as_transformers_bf16`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine_driver import agreement, engine_logits, hf_logits
 from tests.factories import engine_config
-from tests.parity import NEAR_TIE_ULPS, assert_decode_as_close_to_fp32, assert_greedy_parts_only_at_near_ties
+from tests.parity import NEAR_TIE_ULPS, assert_as_close_to_fp32, assert_greedy_parts_only_at_near_ties
 from twinserve.engine.engine import Engine
 from twinserve.engine.factory import build_engine
 
@@ -65,32 +67,34 @@ def reference(default_model_path: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def reference_decode(engine: Engine, reference: torch.nn.Module) -> torch.Tensor:
-    """transformers' bf16 decode logits over TEXT (two tests compare against them)."""
-    return hf_logits(reference, engine.tokenizer(TEXT).input_ids, decode=True)
+def reference_logits(engine: Engine, reference: torch.nn.Module) -> dict[bool, torch.Tensor]:
+    """transformers' bf16 logits over TEXT by path (decode: True, prefill: False); two tests use each."""
+    ids = engine.tokenizer(TEXT).input_ids
+    return {decode: hf_logits(reference, ids, decode=decode) for decode in (False, True)}
 
 
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
 def test_teacher_forced_top1_agrees_with_transformers_bf16(
-    engine: Engine, reference: torch.nn.Module, reference_decode: torch.Tensor, decode: bool
+    engine: Engine, reference_logits: dict[bool, torch.Tensor], decode: bool
 ) -> None:
     ids = engine.tokenizer(TEXT).input_ids
     result = agreement(
         engine_logits(engine.runner.model, ids, decode=decode),  # type: ignore[attr-defined]
-        reference_decode if decode else hf_logits(reference, ids, decode=False),
+        reference_logits[decode],
     )
     print(f"default model {'decode' if decode else 'prefill'} over {len(ids)} tokens: {result}")
-    assert result.top1 >= (0.97 if decode else 0.99), result
+    assert result.top1 >= 0.97, result
     assert result.kl_mean < 1e-2, result
     # they part only where the reference's top two are a near-tie
     assert all(ulps <= NEAR_TIE_ULPS for ulps in result.parted_gap_ulps), result
 
 
-def test_decode_is_as_close_to_fp32_as_transformers_bf16(
-    engine: Engine, reference_decode: torch.Tensor, default_model_path: Path
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_as_close_to_fp32_as_transformers_bf16(
+    engine: Engine, reference_logits: dict[bool, torch.Tensor], default_model_path: Path, decode: bool
 ) -> None:
     ids = engine.tokenizer(TEXT).input_ids
-    assert_decode_as_close_to_fp32(engine, default_model_path, ids, reference_decode)
+    assert_as_close_to_fp32(engine, default_model_path, ids, reference_logits[decode], decode=decode)
 
 
 def test_greedy_chat_answers_part_only_at_near_ties(engine: Engine, default_model_path: Path) -> None:

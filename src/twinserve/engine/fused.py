@@ -3,7 +3,8 @@
 A single-stream decode step on 2 cores is bound by per-op dispatch as much as by the weights:
 each op costs microseconds whatever its size. Five kernels leave a decode layer nine calls,
 four of them its linears: RMSNorm (with the residual add before it), RoPE of q and k with
-the K/V cache write, decode attention over each row's slot, and silu(gate) * up. They
+the K/V cache write, decode attention over each row's slot, and silu(gate) * up. Prefill
+passes use all but the attention (theirs is SDPA over the K/V they wrote). They
 round as the ops they replace, up to the order of fp32 sums; the engine test suite runs
 with and without them (`TWINSERVE_FUSED_KERNELS=0` is the pure-PyTorch path).
 

@@ -365,13 +365,15 @@ class ModelRunner:
                 index.append(i * width + r.prompt_len - prefix - 1)
             spans.append((start, len(index) - start))
         positions = torch.arange(prefix, prefix + width, dtype=torch.long)
+        slots = [r.slot for r in rows]
         batch = ForwardBatch(
             input_ids=ids.to(dev),
             positions=positions.expand(len(rows), width).to(dev),
-            slots=torch.tensor([r.slot for r in rows], dtype=torch.long).to(dev),
+            slots=torch.tensor(slots, dtype=torch.long).to(dev),
             is_prefill=True,
             attn_len=prefix + width,
             lengths=lengths.to(dev),
+            slots_contiguous=slots == list(range(len(rows))),
             prefix_len=prefix,
         )
         logits = self.model.forward(batch, self.cache, torch.tensor(index, dtype=torch.long).to(dev))

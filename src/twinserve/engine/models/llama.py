@@ -113,7 +113,7 @@ class ForwardBatch:
     attn_len: int
     decode_mask: torch.Tensor | None = None  # [B, 1, 1 or W, attn_len] bool, True = attend
     lengths: torch.Tensor | None = None  # prefill only
-    slots_contiguous: bool = False  # decode rows are slots 0..B-1 in order
+    slots_contiguous: bool = False  # the rows are slots 0..B-1 in order
     prefix_len: int = 0  # prefill only: cached positions the new tokens continue from
     _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False, compare=False
@@ -140,7 +140,7 @@ class ForwardBatch:
     @functools.cached_property
     def token_slots(self) -> torch.Tensor:
         """The cache slot of every token of the pass (a verify row's W tokens share its slot)."""
-        if self.input_ids.dim() == 2 and not self.is_prefill:
+        if self.input_ids.dim() == 2:  # a verifying pass or a prefill: W tokens a row
             return self.slots.repeat_interleave(self.input_ids.shape[1])
         return self.slots
 
@@ -276,8 +276,10 @@ class LlamaModel:
         `logits_index` indexes the flattened token dimension; None = the last real token
         of every row (prefill) or every row (decode).
         """
-        if self.fused is not None and not batch.is_prefill:
-            return self._fused_decode(self.fused, batch, cache, logits_index)
+        if logits_index is None and batch.is_prefill:
+            logits_index = _last_tokens(batch)
+        if self.fused is not None:
+            return self._fused_forward(self.fused, batch, cache, logits_index)
         ids = batch.input_ids
         h = F.embedding(ids.reshape(-1), self.embed)
         cos, sin = self.rope(batch)
@@ -285,10 +287,6 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             sliding = window if self.shape.layer_windows[index] is not None else None
             h = self.layer_forward(layer, index, h, cos, sin, batch, cache, sliding)
-        if logits_index is None and batch.is_prefill:
-            assert batch.lengths is not None
-            width = ids.shape[1]
-            logits_index = torch.arange(ids.shape[0], device=ids.device) * width + batch.lengths - 1
         if logits_index is not None:
             h = h[logits_index]
         h = rms_norm(h, self.norm, self.shape.rms_norm_eps)
@@ -349,13 +347,14 @@ class LlamaModel:
         gate, up = layer.gate_up(x).chunk(2, dim=-1)
         return h + layer.down(F.silu(gate, inplace=True).mul_(up))
 
-    def _fused_decode(
+    def _fused_forward(
         self, fused: FusedOps, batch: ForwardBatch, cache: SlotKVCache, logits_index: torch.Tensor | None
     ) -> torch.Tensor:
-        """`forward` of a decode or verify pass through the compiled kernels (`engine/fused.py`).
+        """`forward` through the compiled kernels (`engine/fused.py`), for every kind of pass.
 
         Each residual add is fused with the RMSNorm after it: the next layer's input norm,
-        or the final norm after the last layer.
+        or the final norm after the last layer. A prefill writes its K/V into the cache
+        first, like a decode row, and attends over what it wrote.
         """
         s = self.shape
         eps = s.rms_norm_eps
@@ -372,7 +371,9 @@ class LlamaModel:
                 s.num_heads, s.num_kv_heads, s.head_dim,
             )  # fmt: skip
             sliding = window if s.layer_windows[index] is not None else None
-            if sliding is None and batch.slots_contiguous and width <= MAX_KERNEL_QUERIES:
+            if batch.is_prefill:
+                attn = self._prefill_attention_over_cache(batch, k_cache, v_cache, q, sliding)
+            elif sliding is None and batch.slots_contiguous and width <= MAX_KERNEL_QUERIES:
                 attn = fused.decode_attention(q, k_cache, v_cache, batch.key_lengths, s.head_dim**-0.5, width)
             else:  # rows in other slots, a cutting window, or a long ragged prefill: SDPA
                 attn = self._sdpa_decode(batch, k_cache, v_cache, q, sliding)
@@ -482,6 +483,34 @@ class LlamaModel:
         )
         return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
 
+    def _prefill_attention_over_cache(
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        q: torch.Tensor,
+        window: SlidingWindow | None,
+    ) -> torch.Tensor:
+        """A prefill's attention, its K/V already written to the cache (the fused path)."""
+        s = self.shape
+        n, width = batch.input_ids.shape
+        q4 = q.view(n, width, s.num_heads, s.head_dim)
+        if batch.prefix_len:
+            return self._prefix_attention(batch, k_cache, v_cache, q4, window)
+        if batch.slots_contiguous:  # a view: no gather of the cache
+            keys, values = k_cache[:n, :, :width], v_cache[:n, :, :width]
+        else:
+            keys, values = k_cache[batch.slots, :, :width], v_cache[batch.slots, :, :width]
+        out = F.scaled_dot_product_attention(
+            q4.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=None if window is None else window.mask,  # start is 0: the first query is at 0
+            is_causal=window is None,
+            enable_gqa=s.num_heads != s.num_kv_heads,
+        )
+        return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
+
     def _prefix_attention(
         self,
         batch: ForwardBatch,
@@ -510,6 +539,13 @@ class SlidingWindow:
 
     start: int
     mask: torch.Tensor | None
+
+
+def _last_tokens(batch: ForwardBatch) -> torch.Tensor:
+    """The flat index of every prefill row's last real token (right padding)."""
+    assert batch.lengths is not None
+    n, width = batch.input_ids.shape
+    return torch.arange(n, device=batch.input_ids.device) * width + batch.lengths - 1
 
 
 def _decode_keys(
