@@ -91,7 +91,7 @@ def engine_logits(model: LlamaModel, ids: list[int], *, decode: bool) -> torch.T
             slots=slot,
             is_prefill=False,
             attn_len=pos + 1,
-            slots_contiguous=True,
+            first_slot=0,
         )
         out.append(model.forward(step, cache))
     return torch.cat(out)

@@ -238,7 +238,7 @@ class ModelRunner:
             is_prefill=False,
             attn_len=attn_len,
             decode_mask=mask.to(dev),
-            slots_contiguous=slots == list(range(len(rows))),
+            first_slot=first_slot(slots),
         )
 
     @staticmethod
@@ -258,7 +258,6 @@ class ModelRunner:
         dev = self.device
         positions = torch.tensor([r.num_cached for r in rows], dtype=torch.long)
         slots_list = [r.slot for r in rows]
-        contiguous = slots_list == list(range(len(rows)))
         attn_len = int(positions.max()) + 1
         mask = None
         if len(rows) > 1 and int(positions.min()) + 1 != attn_len:
@@ -270,7 +269,7 @@ class ModelRunner:
             is_prefill=False,
             attn_len=attn_len,
             decode_mask=mask,
-            slots_contiguous=contiguous,
+            first_slot=first_slot(slots_list),
         )
         return self.model.forward(batch, self.cache)
 
@@ -373,7 +372,7 @@ class ModelRunner:
             is_prefill=True,
             attn_len=prefix + width,
             lengths=lengths.to(dev),
-            slots_contiguous=slots == list(range(len(rows))),
+            first_slot=first_slot(slots),
             prefix_len=prefix,
         )
         logits = self.model.forward(batch, self.cache, torch.tensor(index, dtype=torch.long).to(dev))
@@ -427,6 +426,14 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
 # sharing pays when it saves at least this many prompt tokens of compute (one extra pass costs ~that)
 MIN_SHARED_TOKENS = 64
 MIN_SHARED_PREFIX = 8
+
+
+def first_slot(slots: list[int]) -> int | None:
+    """The first of `slots` when they are consecutive and in order (a view of the cache holds
+    their rows), else None."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slots[0]
+    return None
 
 
 def shared_prefix_len(rows: list[RequestState]) -> int:

@@ -113,11 +113,25 @@ class ForwardBatch:
     attn_len: int
     decode_mask: torch.Tensor | None = None  # [B, 1, 1 or W, attn_len] bool, True = attend
     lengths: torch.Tensor | None = None  # prefill only
-    slots_contiguous: bool = False  # the rows are slots 0..B-1 in order
+    first_slot: int | None = None  # the rows are slots first_slot.. in order: cache views serve them
     prefix_len: int = 0  # prefill only: cached positions the new tokens continue from
     _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _prefix_biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def slots_contiguous(self) -> bool:
+        """The rows are slots 0..B-1 in order (what the decode kernel reads)."""
+        return self.first_slot == 0
+
+    def rows_of(self, cache: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Positions start..end-1 of every row's slot in a layer's K or V cache: a view where the
+        rows are consecutive slots, else a gather (a copy)."""
+        if self.first_slot is not None:
+            rows = self.slots.shape[0]
+            return cache[self.first_slot : self.first_slot + rows, :, start:end]
+        return cache[self.slots, :, start:end]
 
     @property
     def is_verify(self) -> bool:
@@ -135,6 +149,16 @@ class ForwardBatch:
             bias = zeros.masked_fill_(~mask, float("-inf")).expand(rows, group, width, keys)
             bias = bias.reshape(rows, 1, group * width, keys)
             self._biases[key] = bias
+        return bias
+
+    def prefix_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """A prefill's causal mask over the cached prefix and its own tokens, [width, attn_len],
+        as the additive bias SDPA turns a boolean mask into; made once per pass, not per layer."""
+        bias = self._prefix_biases.get(dtype)
+        if bias is None:
+            mask = _key_mask(self, None)
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._prefix_biases[dtype] = bias
         return bias
 
     @functools.cached_property
@@ -497,10 +521,7 @@ class LlamaModel:
         q4 = q.view(n, width, s.num_heads, s.head_dim)
         if batch.prefix_len:
             return self._prefix_attention(batch, k_cache, v_cache, q4, window)
-        if batch.slots_contiguous:  # a view: no gather of the cache
-            keys, values = k_cache[:n, :, :width], v_cache[:n, :, :width]
-        else:
-            keys, values = k_cache[batch.slots, :, :width], v_cache[batch.slots, :, :width]
+        keys, values = batch.rows_of(k_cache, 0, width), batch.rows_of(v_cache, 0, width)
         out = F.scaled_dot_product_attention(
             q4.transpose(1, 2),
             keys,
@@ -524,9 +545,8 @@ class LlamaModel:
         n, width = batch.input_ids.shape
         total = batch.prefix_len + width
         # query i sits at position prefix_len + i and sees keys up to there
-        start, mask = (0, _key_mask(batch, None)) if window is None else (window.start, window.mask)
-        keys = k_cache[batch.slots, :, start:total]
-        values = v_cache[batch.slots, :, start:total]
+        start, mask = (0, batch.prefix_bias(q4.dtype)) if window is None else (window.start, window.mask)
+        keys, values = batch.rows_of(k_cache, start, total), batch.rows_of(v_cache, start, total)
         out = F.scaled_dot_product_attention(
             q4.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=s.num_heads != s.num_kv_heads
         )
@@ -553,14 +573,7 @@ def _decode_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The cached keys and values decode (or verify) rows attend to, and the mask over them."""
     start, mask = (0, batch.decode_mask) if window is None else (window.start, window.mask)
-    rows = batch.slots.shape[0]
-    if batch.slots_contiguous:  # a view: no gather of the cache
-        return k_cache[:rows, :, start : batch.attn_len], v_cache[:rows, :, start : batch.attn_len], mask
-    return (
-        k_cache[batch.slots, :, start : batch.attn_len],
-        v_cache[batch.slots, :, start : batch.attn_len],
-        mask,
-    )
+    return batch.rows_of(k_cache, start, batch.attn_len), batch.rows_of(v_cache, start, batch.attn_len), mask
 
 
 def _key_mask(batch: ForwardBatch, window: int | None) -> torch.Tensor:
