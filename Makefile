@@ -38,12 +38,13 @@ model: venv
 up: venv kernels model
 	$(BIN)/twinserve up
 
-# two workers, a test file each at a time: most tests wait on model processes starting, so two
-# files overlap well on 2 cores; a file's module-scoped fixtures (an endpoint, a server) start once
-# (the longest files first: see SLOW_FILES_FIRST in tests/conftest.py). Then the engine's unit
-# tests once more on its pure-PyTorch path, the fallback where the kernels cannot be built.
+# three workers, a test file each at a time: most tests wait on model processes starting (with two,
+# a 2-core run kept the CPUs ~77% busy), so three files overlap well on 2 cores; a file's
+# module-scoped fixtures (an endpoint, a server) start once (the longest files first: see
+# SLOW_FILES_FIRST in tests/conftest.py). Then the engine's unit tests once more on its
+# pure-PyTorch path, the fallback where the kernels cannot be built.
 test: venv kernels
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=25
 	TWINSERVE_FUSED_KERNELS=0 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests/unit/engine
 
 # the Ray suite alone (tests/ray inside `unshare -n`, ~2 min), with its output (`make test` runs it too)

@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # adding 3 minutes. The rest keep their collection order.
 SLOW_FILES_FIRST = (
     "tests/test_ray_suite.py",  # ~220 s beside the rest (~110 s alone: make test-ray)
-    "tests/chaos/test_endpoint_chaos.py",  # ~130 s alone (30 kills, each healed)
+    "tests/chaos/test_endpoint_chaos.py",  # ~110 s alone (20 kills, each healed)
     "tests/unit/platforms/local/test_operations.py",  # ~200 s
     "tests/unit/platforms/local/test_async_endpoint.py",  # ~100 s
     "tests/integration/test_rag_default_model.py",  # ~100 s

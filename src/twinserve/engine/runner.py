@@ -399,6 +399,7 @@ class ModelRunner:
             is_prefill=True,
             attn_len=prefix,
             lengths=torch.tensor([prefix], dtype=torch.long).to(dev),
+            first_slot=first.slot,
         )
         # the LM head runs on one position only; its logits are not needed
         self.model.forward(batch, self.cache, torch.tensor([prefix - 1], dtype=torch.long).to(dev))
