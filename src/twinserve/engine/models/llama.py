@@ -490,22 +490,12 @@ class LlamaModel:
         # right padding: pad positions land beyond each row's length and are masked later
         k_cache[batch.slots, :, start : start + width] = k4.transpose(1, 2)
         v_cache[batch.slots, :, start : start + width] = v4.transpose(1, 2)
-        if start:
-            return self._prefix_attention(batch, k_cache, v_cache, q4, window)
-        if self._flash is not None:
+        if self._flash is not None and not start:
             # flash-attn's window counts the keys left of the query: w - 1 plus the query itself
             sliding = (-1, -1) if window is None else (s.sliding_window - 1, 0)  # type: ignore[operator]
             out = self._flash(q4, k4, v4, causal=True, window_size=sliding)
             return out.reshape(n * width, s.num_heads * s.head_dim)
-        out = F.scaled_dot_product_attention(
-            q4.transpose(1, 2),
-            k4.transpose(1, 2),
-            v4.transpose(1, 2),
-            attn_mask=None if window is None else window.mask,  # start is 0: the first query is at 0
-            is_causal=window is None,
-            enable_gqa=s.num_heads != s.num_kv_heads,
-        )
-        return out.transpose(1, 2).reshape(n * width, s.num_heads * s.head_dim)
+        return self._prefill_attention_over_cache(batch, k_cache, v_cache, q, window)
 
     def _prefill_attention_over_cache(
         self,
@@ -515,7 +505,7 @@ class LlamaModel:
         q: torch.Tensor,
         window: SlidingWindow | None,
     ) -> torch.Tensor:
-        """A prefill's attention, its K/V already written to the cache (the fused path)."""
+        """A prefill's attention over the cache, its K/V already written there."""
         s = self.shape
         n, width = batch.input_ids.shape
         q4 = q.view(n, width, s.num_heads, s.head_dim)
